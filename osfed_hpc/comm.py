@@ -1,0 +1,195 @@
+"""The MPI world: roles, client placement, and every byte that crosses ranks.
+
+Rules this module enforces:
+- Only upper-case (buffer) mpi4py calls: payloads are bytes, never pickled objects.
+- Nobody spins while waiting. Blocking collectives busy-poll a core; with more ranks than cores
+  (3 ranks on a 2-core laptop, the server idle during local work) that steals the core a worker
+  needs. Every wait here is a non-blocking request polled with short sleeps.
+- An exception on any rank aborts the whole job with the message printed (``install_abort_hook``),
+  so a bad client on rank 7 cannot leave ranks 0-6 waiting in a collective forever.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_POLL_SLEEP_S = 2e-4
+#: exception types that describe bad input, printed without a traceback
+USER_ERRORS = {"ConfigError", "DataError", "RunError", "CheckpointError"}
+
+
+def _mpi():
+    from mpi4py import MPI
+
+    return MPI
+
+
+@dataclass
+class ByteCounter:
+    """Bytes MPI actually moved, as seen from rank 0 (counted once per link)."""
+
+    sent: int = 0
+    received: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.sent + self.received
+
+
+@dataclass
+class World:
+    comm: object
+    rank: int
+    size: int
+    counter: ByteCounter = field(default_factory=ByteCounter)
+
+    @classmethod
+    def from_mpi(cls, comm=None) -> "World":
+        """The job's world (or any communicator, e.g. a sub-world in tests)."""
+        comm = comm if comm is not None else _mpi().COMM_WORLD
+        return cls(comm=comm, rank=comm.Get_rank(), size=comm.Get_size())
+
+    @property
+    def is_server(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_worker(self) -> bool:
+        """Ranks that host clients: 1..P-1, or rank 0 itself when it runs alone."""
+        return self.size == 1 or self.rank > 0
+
+    @property
+    def worker_ranks(self) -> list[int]:
+        return [0] if self.size == 1 else list(range(1, self.size))
+
+    # waiting -------------------------------------------------------------------------------
+    def wait(self, request) -> None:
+        """Wait for one request without occupying a core."""
+        while not request.Test():
+            time.sleep(_POLL_SLEEP_S)
+
+    def wait_all(self, requests: list) -> None:
+        for request in requests:
+            self.wait(request)
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            self.wait(self.comm.Ibarrier())
+
+    # collectives ---------------------------------------------------------------------------
+    def bcast(self, array: np.ndarray, root: int = 0) -> np.ndarray:
+        """Broadcast a contiguous array in place (every rank passes a buffer of the same shape)."""
+        if self.size > 1:
+            self.wait(self.comm.Ibcast(array, root=root))
+            if self.rank == root:
+                self.counter.sent += array.nbytes * (self.size - 1)
+        return array
+
+    def allreduce_max(self, value: float) -> float:
+        if self.size == 1:
+            return value
+        send = np.array([value], dtype=np.float64)
+        recv = np.empty_like(send)
+        self.wait(self.comm.Iallreduce(send, recv, op=_mpi().MAX))
+        return float(recv[0])
+
+    def gatherv_bytes(self, data: np.ndarray, root: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+        """Gather variable-length uint8 buffers on ``root``; returns (all bytes, per-rank counts) there."""
+        data = np.ascontiguousarray(data, dtype=np.uint8)
+        if self.size == 1:
+            return data, np.array([data.size], dtype=np.int64)
+        counts = np.zeros(self.size, dtype=np.int64) if self.rank == root else None
+        self.wait(self.comm.Igather(np.array([data.size], dtype=np.int64), counts, root=root))
+        if self.rank != root:
+            self.wait(self.comm.Igatherv(data, None, root=root))
+            return None
+        received = np.empty(int(counts.sum()), dtype=np.uint8)
+        displacements = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self.wait(self.comm.Igatherv(data, [received, counts, displacements, _mpi().BYTE], root=root))
+        self.counter.received += int(counts.sum()) - int(counts[root])
+        return received, counts
+
+    # point to point (streamed payloads) ----------------------------------------------------
+    def isend_bytes(self, data: bytes, dest: int, tag: int) -> list:
+        """Start sending ``data`` (length first, then the bytes); keep ``data`` alive until waited."""
+        header = np.array([len(data)], dtype=np.int64)
+        return [header, self.comm.Isend(header, dest=dest, tag=tag), self.comm.Isend(data, dest=dest, tag=tag)]
+
+    def recv_bytes(self, source: int, tag: int) -> np.ndarray:
+        header = np.empty(1, dtype=np.int64)
+        self.wait(self.comm.Irecv(header, source=source, tag=tag))
+        buffer = np.empty(int(header[0]), dtype=np.uint8)
+        self.wait(self.comm.Irecv(buffer, source=source, tag=tag))
+        self.counter.received += buffer.nbytes + header.nbytes
+        return buffer
+
+    def abort(self, code: int = 1) -> None:
+        self.comm.Abort(code)
+
+
+def assign_clients(sizes: list[int] | np.ndarray, worker_ranks: list[int]) -> dict[int, list[int]]:
+    """Longest-processing-time-first placement of clients on worker ranks.
+
+    A round lasts as long as its slowest rank, and Dirichlet(0.01) client sizes differ by orders
+    of magnitude, so round-robin can leave one rank with all the big clients. Greedy by size,
+    ties by client id, gives a placement that depends only on the sizes: reproducible.
+    """
+    load = {rank: 0 for rank in worker_ranks}
+    placement: dict[int, list[int]] = {rank: [] for rank in worker_ranks}
+    order = sorted(range(len(sizes)), key=lambda c: (-int(sizes[c]), c))
+    for client in order:
+        rank = min(worker_ranks, key=lambda r: (load[r], r))
+        placement[rank].append(client)
+        load[rank] += max(int(sizes[client]), 1)
+    return {rank: sorted(clients) for rank, clients in placement.items()}
+
+
+def owner_map(placement: dict[int, list[int]]) -> dict[int, int]:
+    return {client: rank for rank, clients in placement.items() for client in clients}
+
+
+def install_abort_hook(world: World) -> None:
+    """Print any uncaught exception with the rank, then abort every rank of the job.
+
+    Without this an exception on one rank leaves the others blocked in the next collective until
+    the SLURM time limit. Exit code 1; the message goes to stderr, flushed before ``Abort``.
+    """
+
+    def hook(exc_type, exc, tb):
+        sys.stdout.flush()
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        if type(exc).__name__ in USER_ERRORS and os.environ.get("OSFED_TRACEBACK") != "1":
+            text = f"{exc}\n"  # bad input: the message says it all, a traceback only hides it
+        sys.stderr.write(f"[rank {world.rank}/{world.size}] error: {text}")
+        sys.stderr.flush()
+        if world.size > 1:
+            world.abort(1)
+        else:
+            os._exit(1)
+
+    sys.excepthook = hook
+
+
+def node_local_rank() -> int:
+    """This rank's index among the ranks on its node (for picking a GPU)."""
+    for variable in ("SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK"):
+        if variable in os.environ:
+            return int(os.environ[variable])
+    comm = _mpi().COMM_WORLD.Split_type(_mpi().COMM_TYPE_SHARED)
+    try:
+        return comm.Get_rank()
+    finally:
+        comm.Free()
+
+
+def node_local_size() -> int:
+    comm = _mpi().COMM_WORLD.Split_type(_mpi().COMM_TYPE_SHARED)
+    try:
+        return comm.Get_size()
+    finally:
+        comm.Free()

@@ -1,0 +1,168 @@
+"""Image work shared by conversion and loading: normalise to RGB, re-encode, decode + crop.
+
+Kept free of torch so that conversion workers start fast and so the same code runs in a
+DataLoader worker, a conversion process or a plain benchmark loop.
+
+Two decisions worth knowing:
+* Conversion stores an RGB JPEG with its longer side at most ``max_side``. A source file that is
+  already such a JPEG is stored byte-for-byte (after a full decode to prove it is readable):
+  no second lossy generation, and most of ImageNet is converted at decode cost only.
+* Decoding for training crops first and resizes the crop in one antialiased PIL call, after asking
+  libjpeg (``Image.draft``) to decode at 1/2, 1/4 or 1/8 scale whenever the crop stays at least as
+  large as the output; a 512 px image cropped to 224 px decodes several times faster that way.
+  The crop box is drawn from the image size in the header with a per-sample ``np.random.Generator``,
+  so the result does not depend on which process decodes the sample.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # includes PIL.UnidentifiedImageError and "image file is truncated"
+    SyntaxError,  # raised by some PIL plugins on malformed headers
+    ValueError,
+    EOFError,
+    Image.DecompressionBombError,
+)
+EVAL_CROP_FRACTION = 0.875  # resize the shorter side to resolution / 0.875, then center crop
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Return an RGB version of ``img`` (grey, palette, CMYK, 16-bit and alpha images included).
+
+    Transparent pixels are composited onto white, which is how such an image is displayed;
+    dropping alpha would expose whatever colour happens to be stored under them (often black).
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr = np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """Size with the longer side at most ``max_side``, aspect kept, never upscaled."""
+    longest = max(width, height)
+    if longest <= max_side:
+        return width, height
+    scale = max_side / longest
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def encode_for_storage(data: bytes, max_side: int, quality: int) -> bytes:
+    """Turn the bytes of any image file into the stored RGB JPEG; raises a ``DECODE_ERRORS`` type.
+
+    Decoding is complete (``load()``), so a truncated or corrupt file fails here, at conversion,
+    and not in the middle of training.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+        target = fit_size(*img.size, max_side)
+        keep = img.format == "JPEG" and img.mode == "RGB" and target == img.size
+        if img.format == "JPEG" and target != img.size:
+            img.draft("RGB", target)  # decode at a reduced scale that is still >= target
+        img.load()
+    if keep:
+        return data
+    img = to_rgb(img)
+    if img.size != target:
+        img = img.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=quality, optimize=False)
+    return out.getvalue()
+
+
+def read_file(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """(left, top, crop_width, crop_height) as torchvision's ``RandomResizedCrop`` samples it."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    # Fallback: the whole image, clamped to the allowed aspect range, centered.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def center_crop_box(width: int, height: int, resolution: int) -> tuple[float, float, float, float]:
+    """Box (in source pixels) equal to "resize shorter side to resolution/0.875, center crop"."""
+    resized_short = round(resolution / EVAL_CROP_FRACTION)
+    side = min(width, height) * resolution / resized_short
+    return (width - side) / 2, (height - side) / 2, side, side
+
+
+def _decode_box(data: bytes, box: tuple[float, float, float, float], resolution: int) -> Image.Image:
+    """Decode ``data`` (at reduced scale if the box allows) and resize ``box`` to resolution^2."""
+    img = Image.open(io.BytesIO(data))
+    width, height = img.size
+    left, top, w, h = box
+    if img.format == "JPEG":
+        # Largest libjpeg downscale for which the box still covers >= resolution pixels.
+        img.draft("RGB", (math.ceil(width * resolution / w), math.ceil(height * resolution / h)))
+    img = to_rgb(img)
+    sx, sy = img.size[0] / width, img.size[1] / height
+    region = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+    return img.resize((resolution, resolution), Image.Resampling.BILINEAR, box=region)
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header, without decoding pixels."""
+    return Image.open(io.BytesIO(data)).size
+
+
+def decode_train(data: bytes, resolution: int, rng: np.random.Generator) -> np.ndarray:
+    """RandomResizedCrop(resolution, scale=(0.08, 1)) + horizontal flip -> ``uint8 [3, r, r]``."""
+    width, height = image_size(data)
+    box = random_resized_crop_box(width, height, rng)
+    flip = rng.random() < 0.5
+    arr = np.asarray(_decode_box(data, box, resolution))
+    if flip:
+        arr = arr[:, ::-1]
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def decode_eval(data: bytes, resolution: int) -> np.ndarray:
+    """Resize shorter side to round(resolution / 0.875) + center crop -> ``uint8 [3, r, r]``."""
+    width, height = image_size(data)
+    arr = np.asarray(_decode_box(data, center_crop_box(width, height, resolution), resolution))
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))

@@ -1,0 +1,84 @@
+"""One contiguous float32 buffer behind every parameter and float buffer of a model.
+
+Why: the runner moves the model as one flat buffer (``Bcast``), hashes it, averages it and
+checkpoints it. If each parameter were a separate tensor, every round would pay a gather
+copy on the sender and a scatter copy on every receiver. Re-pointing ``param.data`` at views
+of one storage makes "load the global model" a single ``copy_`` (or, on CPU, an MPI receive
+straight into the model's memory) and "read the model" free.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+
+class FlatModel:
+    """A model whose parameters (then its floating-point buffers) are views of ``self.vector``.
+
+    The order is ``named_parameters()`` then floating ``named_buffers()`` (BatchNorm running
+    statistics), which is the same on every rank because the model is built from the same config.
+    Integer buffers (``num_batches_tracked``) stay outside: they carry no learned state the
+    federation needs.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        params = [(n, p) for n, p in model.named_parameters()]
+        buffers = [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+        device = params[0][1].device if params else torch.device("cpu")
+        self.param_numel = sum(p.numel() for _, p in params)
+        self.buffer_numel = sum(b.numel() for _, b in buffers)
+        self.vector = torch.empty(self.param_numel + self.buffer_numel, dtype=torch.float32, device=device)
+        self.param_names = [n for n, _ in params]
+        self.buffer_names = [n for n, _ in buffers]
+        offset = 0
+        for _, tensor in params + buffers:
+            view = self.vector[offset : offset + tensor.numel()].view_as(tensor)
+            view.copy_(tensor.data)
+            tensor.data = view
+            offset += tensor.numel()
+
+    @property
+    def numel(self) -> int:
+        return self.vector.numel()
+
+    @property
+    def params_vector(self) -> torch.Tensor:
+        """The parameter part of the flat state (what gradients and snapshot updates live in)."""
+        return self.vector[: self.param_numel]
+
+    @property
+    def buffers_vector(self) -> torch.Tensor:
+        return self.vector[self.param_numel :]
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """Name -> parameter tensor, for ``torch.func.functional_call``."""
+        return dict(self.model.named_parameters())
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.named_buffers())
+
+    def load_(self, vector: torch.Tensor) -> None:
+        """Set the whole state from another flat vector (one copy, any device)."""
+        if vector.numel() != self.numel:
+            raise ValueError(f"flat state has {vector.numel()} values, the model expects {self.numel}")
+        self.vector.copy_(vector)
+
+    def flat_grad(self) -> torch.Tensor:
+        """Concatenate ``.grad`` of all parameters (zeros where a parameter got none)."""
+        grads = [
+            p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)
+            for p in self.model.parameters()
+        ]
+        return torch.cat(grads)
+
+    def sha256(self) -> str:
+        return state_sha256(self.vector)
+
+
+def state_sha256(vector: torch.Tensor) -> str:
+    """SHA-256 of a flat float32 state, the fingerprint reported as ``model_sha256``."""
+    array = vector.detach().to("cpu", torch.float32).contiguous().numpy()
+    return hashlib.sha256(array.tobytes()).hexdigest()

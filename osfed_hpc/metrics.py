@@ -1,0 +1,107 @@
+"""The run's record: one JSON line per round, a progress line, and phase timers.
+
+``metrics.jsonl`` is appended and fsynced line by line, so a job killed mid-round leaves every
+finished round intact; on resume, lines past the checkpoint are moved aside, not deleted.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+
+class PhaseTimer:
+    """Wall seconds per named phase of a round."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/Inf: write them as null rather than produce an unreadable file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class MetricsLog:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(_clean(record), sort_keys=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a killed job
+        return out
+
+    def truncate_after(self, round_done: int) -> None:
+        """Keep the lines of rounds <= ``round_done``; move the rest to ``metrics.jsonl.discarded``."""
+        if not self.path.exists():
+            return
+        keep, drop = [], []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                drop.append(line)
+                continue
+            (keep if record.get("round", 0) <= round_done else drop).append(line)
+        if drop:
+            with open(self.path.with_suffix(".jsonl.discarded"), "a") as handle:
+                handle.write("\n".join(drop) + "\n")
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
+
+def progress_line(record: dict[str, Any]) -> str:
+    acc = record.get("test_accuracy")
+    acc_text = f"{100 * acc:6.2f}%" if isinstance(acc, float) else "   -   "
+    loss = record.get("train_loss")
+    return (
+        f"round {record['round']:4d} | acc {acc_text} | loss {loss if loss is None else f'{loss:.4f}'} | "
+        f"uplink {record['uplink_bytes_total'] / 1e6:10.3f} MB | {record['seconds']['round']:6.2f} s"
+        + (f" | rejected {record['rejected']}" if record.get("rejected") else "")
+    )
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak accelerator memory since the last reset on CUDA, else the process's peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)

@@ -1,0 +1,545 @@
+"""The round loop, for the server (rank 0) and the workers (ranks 1..P-1). Nothing method-specific.
+
+One round::
+
+    rank 0: control Bcast (stop flag) -> model Bcast -> fold payloads in client-id order -> log
+    workers:                          -> for each of my selected clients: client_update -> send
+
+With a single rank, rank 0 plays both parts. Payloads of snapshot methods are small and gathered
+in one ``Gatherv``; weight-sized payloads (FedAvg) are streamed point to point and folded into the
+aggregate as they arrive, so rank 0 never holds more than one of them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from . import checkpoint as ckpt
+from .algorithms import Algorithm, ClientContext, Environment, get_algorithm
+from .client_state import ClientStateStore
+from .comm import World, assign_clients, owner_map
+from .config import Config
+from .devices import configure_threads, describe, make_deterministic, select_device
+from .errors import AgreedStop, RunError
+from .flat import FlatModel
+from .metrics import MetricsLog, PhaseTimer, peak_memory_bytes, progress_line, reset_peak_memory
+from .models import build_model
+from .payload import Payload
+from .rng import select_clients, torch_stream
+
+_PAYLOAD_TAG = 11
+_RECORD_HEAD = ("client", "seconds", "peak_memory_bytes", "payload_bytes", "num_samples")
+
+
+@dataclass
+class Inputs:
+    """What every rank needs to know about the data, resolved once on rank 0's say-so."""
+
+    reader: Any
+    partition: Any
+    resolution: int
+    input_shape: tuple[int, int, int]
+
+
+# ---------------------------------------------------------------------------------------------
+# setup
+
+
+def resolve_run_dir(config: Config, resume: bool) -> Path:
+    if config.out:
+        return Path(config.out)
+    if resume:
+        raise RunError("resuming needs the run directory (out=... or --resume RUN_DIR)")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.name}-{stamp}"
+
+
+def _prepare_inputs_on_root(config: Config, world: World, run_dir: Path, resume: bool) -> None:
+    """Everything that can fail because of user input, checked before any training starts."""
+    from .data import DatasetReader, Partition, load_partition, make_partition, prepare_dataset
+
+    data = config.data
+    path = Path(data.path)
+    if not (path / "dataset.json").exists():
+        if data.source is None:
+            raise RunError(f"data.path {str(path)!r} holds no prepared dataset (no dataset.json); run "
+                           f"'osfed-hpc prepare' first or set data.source")
+        print(f"[osfed-hpc] preparing {data.source} into {path}", flush=True)
+        prepare_dataset(data.source, path, progress=False)
+    reader = DatasetReader(path)
+    if data.partition:
+        part_path = Path(data.partition)
+        if not part_path.exists():
+            raise RunError(f"data.partition {str(part_path)!r} does not exist")
+    else:
+        part_path = Partition.default_path(path, data.scheme, data.clients, data.alpha, data.partition_seed)
+        if not part_path.exists():
+            partition = make_partition(reader, data.clients, data.scheme, data.alpha, data.partition_seed,
+                                       min_samples=data.min_samples)
+            partition.save(part_path)
+            print(f"[osfed-hpc] wrote partition {part_path}", flush=True)
+    partition = load_partition(part_path, reader)
+    if data.partition is None and partition.num_clients != data.clients:
+        raise RunError(f"partition {part_path} has {partition.num_clients} clients, data.clients is {data.clients}")
+    workers = len(world.worker_ranks)
+    if workers > partition.num_clients:
+        raise RunError(f"{workers} worker ranks for {partition.num_clients} clients: ranks would idle; "
+                       f"start at most {partition.num_clients + 1} ranks")
+    ntasks = os.environ.get("SLURM_NTASKS")
+    if ntasks and int(ntasks) > 1 and world.size == 1 and not os.environ.get("OSFED_ALLOW_SINGLETON"):
+        raise RunError(f"SLURM started {ntasks} tasks but this MPI world has 1 rank: the MPI library was "
+                       f"not started by srun (check --mpi=pmix) and each task runs alone")
+    if run_dir.exists() and not resume and any(run_dir.iterdir()):
+        raise RunError(f"run directory {str(run_dir)!r} exists and is not empty; use "
+                       f"'osfed-hpc run --resume {run_dir}' or another out=")
+    if resume and ckpt.latest_checkpoint(run_dir) is None:
+        raise RunError(f"cannot resume: {str(run_dir)!r} has no complete checkpoint")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(run_dir, os.W_OK):
+        raise RunError(f"run directory {str(run_dir)!r} is not writable")
+    config.data.partition = str(part_path)  # resolved, so every rank and the saved config agree
+
+
+def _agree(world: World, error: str | None) -> None:
+    """Rank 0 tells every rank whether setup succeeded; all stop together, no rank left waiting."""
+    message = np.frombuffer((error or "").encode(), dtype=np.uint8)
+    length = world.bcast(np.array([len(message)], dtype=np.int64))
+    if length[0] == 0:
+        return
+    buffer = message.copy() if world.is_server else np.empty(int(length[0]), dtype=np.uint8)
+    world.bcast(buffer)
+    raise AgreedStop(bytes(buffer).decode())
+
+
+def setup_inputs(config: Config, world: World, run_dir: Path, resume: bool) -> Inputs:
+    from .data import DatasetReader, load_partition
+
+    error = None
+    if world.is_server:
+        try:
+            _prepare_inputs_on_root(config, world, run_dir, resume)
+        except ValueError as exc:  # ConfigError, DataError, RunError
+            error = str(exc)
+    if world.size > 1:
+        part = np.frombuffer(str(config.data.partition or "").encode(), dtype=np.uint8)
+        _agree(world, error)
+        length = world.bcast(np.array([part.size], dtype=np.int64))
+        buffer = part.copy() if world.is_server else np.empty(int(length[0]), dtype=np.uint8)
+        config.data.partition = bytes(world.bcast(buffer)).decode()
+    elif error:
+        raise RunError(error)
+    reader = DatasetReader(config.data.path)
+    partition = load_partition(config.data.partition, reader)
+    resolution = config.data.resolution or (reader.image_shape[1] if reader.image_shape else None)
+    if resolution is None:
+        raise RunError(f"data.resolution must be set for {reader.encoding} dataset {config.data.path}")
+    return Inputs(reader, partition, resolution, (reader.channels, resolution, resolution))
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+class Runner:
+    def __init__(self, config: Config, world: World, run_dir: Path, resume: bool = False) -> None:
+        self.config = config
+        self.world = world
+        self.run_dir = run_dir
+        self.stop_requested = False
+        self.threads = configure_threads(config.runtime.threads, world.size)
+        make_deterministic()
+        self.device = select_device(config.runtime.device)
+        self.inputs = setup_inputs(config, world, run_dir, resume)
+        self.num_clients = self.inputs.partition.num_clients
+        self.sizes = np.asarray(self.inputs.partition.sizes, dtype=np.int64)
+        self.placement = assign_clients(self.sizes, world.worker_ranks)
+        self.owner = owner_map(self.placement)
+        self.my_clients = self.placement.get(world.rank, []) if world.is_worker else []
+        self.algorithm_cls = get_algorithm(config.algorithm["name"])
+        self.options = config.algorithm_options()
+        self.stat_names = self.algorithm_cls.client_stat_names
+        self.autocast = torch.bfloat16 if config.runtime.amp == "bf16" else None
+        if world.is_server:
+            self.server_model = self._new_model()
+            self.server_algorithm = self._new_algorithm(self.server_model)
+            self.eval_data = self._build_eval_data()
+        if world.is_worker:
+            self.worker_model = self._new_model()
+            self.worker_algorithm = self._new_algorithm(self.worker_model)
+            self.store = ClientStateStore(self._state_dir())
+            self.train_data = self._build_train_data()
+        self.start_round = 1
+        if world.is_server:
+            self.log = MetricsLog(run_dir / "metrics.jsonl")
+        self.totals = {"uplink": 0, "downlink": 0, "mpi": 0, "rejected": 0}
+        if resume:
+            self._restore(ckpt.latest_checkpoint(run_dir))
+        self._say_hello()
+
+    # construction helpers --------------------------------------------------------------------
+    def _new_model(self) -> FlatModel:
+        c, h, _ = self.inputs.input_shape
+        net = build_model(self.config.model.name, c, h, self.inputs.reader.num_classes, seed=self.config.seed)
+        return FlatModel(net.to(self.device))
+
+    def _new_algorithm(self, model: FlatModel) -> Algorithm:
+        env = Environment(
+            model=model, train=self.config.train, num_classes=self.inputs.reader.num_classes,
+            input_shape=self.inputs.input_shape, device=self.device, seed=self.config.seed,
+            server_lr=self.config.server.lr, autocast_dtype=self.autocast, debug=self.config.runtime.debug,
+        )
+        return self.algorithm_cls(self.options, env)
+
+    def _state_dir(self) -> Path | None:
+        if self.config.runtime.client_state != "disk":
+            return None
+        base = Path(self.config.runtime.state_dir or (self.run_dir / "client_state"))
+        return base / f"rank-{self.world.rank:04d}"
+
+    def _build_train_data(self):
+        from .data import build_train_data
+
+        part = self.inputs.partition
+        union = np.unique(np.concatenate([part.client_indices(c) for c in self.my_clients] or [np.empty(0, np.int64)]))
+        data = build_train_data(self.inputs.reader, union, self.device, self.inputs.resolution, self.config.data.num_workers)
+        return {c: data.client(part.client_indices(c)) for c in self.my_clients}
+
+    def _build_eval_data(self):
+        from .data import build_eval_data
+
+        return build_eval_data(self.inputs.reader, self.device, self.inputs.resolution,
+                               self.config.eval.batch_size, self.config.data.num_workers)
+
+    def _say_hello(self) -> None:
+        role = "server" if self.world.is_server and not self.world.is_worker else (
+            "server+worker" if self.world.is_server else "worker")
+        clients = f", clients {self.my_clients}" if self.world.is_worker else ""
+        print(f"[rank {self.world.rank}/{self.world.size}] {role} on {socket.gethostname()}, "
+              f"{describe(self.device)}, {self.threads} threads{clients}", flush=True)
+
+    # signals ---------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        """SIGUSR1 (SLURM time limit) / SIGTERM on rank 0: stop at the next round boundary."""
+        if not self.world.is_server:
+            return
+
+        def request_stop(signum, frame):
+            self.stop_requested = True
+            print(f"[osfed-hpc] signal {signal.Signals(signum).name}: checkpointing at the end of this round",
+                  flush=True)
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, request_stop)
+
+    # the loop --------------------------------------------------------------------------------
+    def run(self) -> str:
+        """Run until ``config.rounds`` or a stop request; returns 'finished' or 'stopped'."""
+        if self.world.is_server:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        self.install_signal_handlers()
+        self.wall_start = time.perf_counter()
+        for round_ in range(self.start_round, self.config.rounds + 1):
+            if self._broadcast_stop():
+                self._checkpoint(round_ - 1)
+                return "stopped"
+            self._round(round_)
+            every = self.config.runtime.checkpoint_every
+            if every and round_ % every == 0 and round_ < self.config.rounds:
+                self._checkpoint(round_)
+        self._checkpoint(self.config.rounds)
+        if self.world.is_server:
+            self._finish()
+        return "finished"
+
+    def _broadcast_stop(self) -> bool:
+        flag = np.array([int(self.stop_requested)], dtype=np.int64)
+        return bool(self.world.bcast(flag)[0])
+
+    def _round(self, round_: int) -> None:
+        world = self.world
+        timer = PhaseTimer()
+        round_start = time.perf_counter()
+        mpi_before = world.counter.total
+        selected = select_clients(self.config.seed, round_, self.num_clients, self.config.server.sample_fraction)
+        with timer.phase("broadcast"):
+            global_vector = self._broadcast_model()
+        local_payloads: dict[int, bytes] = {}
+        records = []
+        if world.is_worker:
+            with timer.phase("local_work"):
+                records, local_payloads, pending = self._work(round_, selected, global_vector)
+        if world.is_server:
+            with timer.phase("exchange_and_aggregation"):
+                outcome = self._aggregate(round_, selected, local_payloads, timer)
+        if world.is_worker and self.algorithm_cls.streams_payloads:
+            world.wait_all([r for p in pending for r in p[1:]])
+        gathered = self._gather_records(records)
+        if world.is_server:
+            self._log_round(round_, selected, outcome, gathered, timer, round_start, mpi_before)
+
+    def _broadcast_model(self) -> torch.Tensor:
+        """rank 0's global state -> every worker's replica. Returns W_t on workers (for restores)."""
+        world = self.world
+        if world.size == 1:
+            self.worker_model.load_(self.server_model.vector)
+            return self.server_model.vector.clone()
+        model = self.server_model if world.is_server else self.worker_model
+        if self.device.type == "cpu":
+            world.bcast(model.vector.numpy())  # straight into the model's memory
+        else:
+            host = model.vector.cpu().numpy() if world.is_server else np.empty(model.numel, np.float32)
+            world.bcast(host)
+            if world.is_worker:
+                model.load_(torch.from_numpy(host).to(self.device, non_blocking=False))
+        return model.vector.clone() if world.is_worker else model.vector
+
+    def _work(self, round_: int, selected: list[int], global_vector: torch.Tensor):
+        """Run every selected client this rank hosts, in client-id order."""
+        records, payloads, pending = [], {}, []
+        mine = [c for c in selected if self.owner[c] == self.world.rank]
+        for client in mine:
+            self.worker_model.load_(global_vector)
+            state = self.store.get(client)
+            reset_peak_memory(self.device)
+            start = time.perf_counter()
+            ctx = ClientContext(client_id=client, round=round_, data=self.train_data[client], state=state,
+                                generator=torch_stream(self.config.seed, "client", round_, client),
+                                seed=self.config.seed)
+            try:
+                result = self.worker_algorithm.client_update(ctx)
+            except Exception as exc:
+                raise RuntimeError(f"client {client} failed in round {round_} on rank {self.world.rank}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - start
+            self.store.put(client, state)
+            data = result.payload.pack()
+            stats = [result.stats.get(name, float("nan")) for name in self.stat_names]
+            records.append([client, seconds, peak_memory_bytes(self.device), len(data),
+                            self.train_data[client].num_samples, *stats])
+            if self.world.size == 1:
+                payloads[client] = data
+            elif self.algorithm_cls.streams_payloads:
+                pending.append(self.world.isend_bytes(data, dest=0, tag=_PAYLOAD_TAG))
+            else:
+                payloads[client] = data
+        if self.world.size > 1 and not self.algorithm_cls.streams_payloads:
+            self._gather_payloads(payloads)
+        return records, payloads, pending
+
+    # exchange --------------------------------------------------------------------------------
+    def _gather_payloads(self, payloads: dict[int, bytes]) -> dict[int, memoryview] | None:
+        """All small payloads to rank 0 in one Gatherv: [count, (client, length) * count, bytes...]."""
+        index = np.array([[c, len(b)] for c, b in payloads.items()], dtype=np.int64).reshape(-1, 2)
+        frame = np.concatenate([
+            np.array([len(payloads)], dtype=np.int64).view(np.uint8), index.reshape(-1).view(np.uint8),
+            *[np.frombuffer(b, dtype=np.uint8) for b in payloads.values()],
+        ]) if payloads else np.array([0], dtype=np.int64).view(np.uint8)
+        gathered = self.world.gatherv_bytes(frame)
+        if gathered is None:
+            return None
+        data, counts = gathered
+        result: dict[int, memoryview] = {}
+        offset = 0
+        for count in counts:
+            segment = memoryview(data[offset : offset + count])
+            offset += int(count)
+            n = int(np.frombuffer(segment[:8], dtype=np.int64)[0])
+            table = np.frombuffer(segment[8 : 8 + 16 * n], dtype=np.int64).reshape(n, 2)
+            position = 8 + 16 * n
+            for client, length in table:
+                result[int(client)] = segment[position : position + int(length)]
+                position += int(length)
+        return result
+
+    def _aggregate(self, round_: int, selected: list[int], local: dict[int, bytes], timer: PhaseTimer) -> dict:
+        """Fold payloads into the new global model, strictly in client-id order."""
+        algorithm = self.server_algorithm
+        algorithm.server_begin(round_)
+        if self.world.size > 1 and not self.algorithm_cls.streams_payloads:
+            local = self._gather_payloads({})
+        uplink, rejected, server_stats = 0, [], {}
+        for client in selected:
+            if self.world.size == 1 or not self.algorithm_cls.streams_payloads:
+                data = local[client]
+            else:
+                data = self.world.recv_bytes(self.owner[client], _PAYLOAD_TAG)
+            uplink += len(data)
+            start = time.perf_counter()
+            try:
+                payload = Payload.unpack(data)
+                if payload.meta.get("client") != client or payload.meta.get("round") != round_:
+                    raise ValueError(f"client {client}, round {round_}: payload header says client "
+                                     f"{payload.meta.get('client')}, round {payload.meta.get('round')}")
+                for key, value in algorithm.server_accumulate(client, payload, float(self.sizes[client])).items():
+                    server_stats.setdefault(key, []).append(value)
+            except ValueError as exc:
+                rejected.append(client)
+                print(f"[osfed-hpc] warning: rejected payload of client {client} in round {round_}: {exc}",
+                      file=sys.stderr, flush=True)
+            timer.seconds["aggregation"] = timer.seconds.get("aggregation", 0.0) + time.perf_counter() - start
+        start = time.perf_counter()
+        new_vector = algorithm.server_finish()
+        if not torch.isfinite(new_vector).all():
+            print(f"[osfed-hpc] warning: round {round_} produced a non-finite model; keeping the previous one",
+                  file=sys.stderr, flush=True)
+            rejected = list(selected)
+        else:
+            self.server_model.load_(new_vector)
+        timer.seconds["aggregation"] = timer.seconds.get("aggregation", 0.0) + time.perf_counter() - start
+        return {"uplink": uplink, "rejected": rejected,
+                "server_stats": {k: float(np.mean(v)) for k, v in server_stats.items()}}
+
+    def _gather_records(self, records: list[list[float]]) -> np.ndarray | None:
+        width = len(_RECORD_HEAD) + len(self.stat_names)
+        array = np.asarray(records, dtype=np.float64).reshape(-1, width)
+        gathered = self.world.gatherv_bytes(array.view(np.uint8).reshape(-1))
+        if gathered is None:
+            return None
+        table = np.frombuffer(gathered[0].tobytes(), dtype=np.float64).reshape(-1, width)
+        return table[np.argsort(table[:, 0], kind="stable")]
+
+    # logging ---------------------------------------------------------------------------------
+    def evaluate(self) -> tuple[float, float]:
+        net = self.server_model.model
+        net.eval()
+        correct = torch.zeros((), device=self.device)
+        loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = 0
+        with torch.no_grad():
+            for x, y in self.eval_data.eval_batches(self.config.eval.batch_size):
+                logits = net(x)
+                loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
+                correct += (logits.argmax(1) == y).sum()
+                count += y.numel()
+        return float(correct) / max(count, 1), float(loss) / max(count, 1)
+
+    def _log_round(self, round_, selected, outcome, table, timer, round_start, mpi_before) -> None:
+        n_sel = len(selected)
+        downlink = self.server_model.numel * 4 * n_sel
+        self.totals["uplink"] += outcome["uplink"]
+        self.totals["downlink"] += downlink
+        self.totals["rejected"] += len(outcome["rejected"])
+        evaluate = round_ % self.config.eval.every == 0 or round_ == self.config.rounds
+        record: dict[str, Any] = {"round": round_, "clients": selected}
+        if evaluate:
+            with timer.phase("evaluation"):
+                accuracy, test_loss = self.evaluate()
+            record.update(test_accuracy=accuracy, test_loss=test_loss)
+        columns = {name: table[:, i] for i, name in enumerate(_RECORD_HEAD + tuple(self.stat_names))}
+        weights = columns["num_samples"]
+        loss = columns.get("train_loss")
+        if loss is not None and len(loss) and np.isfinite(loss).any():
+            ok = np.isfinite(loss)
+            record["train_loss"] = float(np.average(loss[ok], weights=weights[ok]))
+        per_rank = {}
+        for row in table:
+            per_rank.setdefault(self.owner[int(row[0])], 0.0)
+            per_rank[self.owner[int(row[0])]] += row[1]
+        local = max(per_rank.values(), default=0.0)
+        seconds = dict(timer.seconds)
+        exchange_agg = seconds.pop("exchange_and_aggregation", 0.0)
+        if self.world.size > 1:
+            seconds["local_work"] = local
+            seconds["exchange"] = max(exchange_agg - local - seconds.get("aggregation", 0.0), 0.0)
+        seconds["round"] = time.perf_counter() - round_start
+        mpi_bytes = self.world.counter.total - mpi_before
+        self.totals["mpi"] += mpi_bytes
+        record.update(
+            uplink_bytes=outcome["uplink"], uplink_bytes_total=self.totals["uplink"],
+            downlink_bytes=downlink, downlink_bytes_total=self.totals["downlink"],
+            mpi_bytes=mpi_bytes, rejected=len(outcome["rejected"]), rejected_clients=outcome["rejected"],
+            seconds={k: round(v, 6) for k, v in seconds.items()},
+            client_stats={name: [float(v) for v in columns[name]] for name in _RECORD_HEAD[1:] + tuple(self.stat_names)},
+            server_stats=outcome["server_stats"],
+        )
+        self.log.append(record)
+        print(progress_line(record), flush=True)
+        self.last_record = record
+
+    # checkpoint / resume ---------------------------------------------------------------------
+    def _checkpoint(self, round_done: int) -> None:
+        if round_done < self.start_round:
+            return
+        directory = ckpt.checkpoint_dir(self.run_dir, round_done)
+        if self.world.is_server:
+            directory.mkdir(parents=True, exist_ok=True)
+        self.world.barrier()
+        if self.world.is_worker:
+            ckpt.write_client_states(directory, {c: self.store.get(c) for c in self.my_clients})
+        self.world.barrier()
+        if self.world.is_server:
+            ckpt.write_server_part(
+                directory, round_done, self.server_model.vector.cpu().numpy(), self.server_algorithm.server_state(),
+                self.config.to_dict(), self.server_model.sha256(),
+                {"totals": self.totals, "world_size": self.world.size, "wall_seconds": self._wall()},
+            )
+        self.world.barrier()
+
+    def _wall(self) -> float:
+        return getattr(self, "previous_wall", 0.0) + time.perf_counter() - getattr(self, "wall_start", time.perf_counter())
+
+    def _restore(self, directory: Path) -> None:
+        checkpoint = ckpt.Checkpoint(directory, self.config.to_dict())
+        vector, server_state = checkpoint.server()
+        if self.world.is_server:
+            if vector.shape != (self.server_model.numel,):
+                raise ckpt.CheckpointError(f"checkpoint {directory}: model has {vector.size} values, "
+                                           f"expected {self.server_model.numel}")
+            self.server_model.load_(torch.from_numpy(vector).to(self.device))
+            self.server_algorithm.load_server_state(server_state)
+            self.log.truncate_after(checkpoint.round)
+        if self.world.is_worker:
+            for client in self.my_clients:
+                self.store.put(client, checkpoint.client_state(client))
+        self.totals = dict(checkpoint.manifest.get("totals", self.totals))
+        self.previous_wall = float(checkpoint.manifest.get("wall_seconds", 0.0))
+        self.start_round = checkpoint.round + 1
+        if self.world.is_server:
+            print(f"[osfed-hpc] resumed from {directory} (round {checkpoint.round})", flush=True)
+
+    # the end ---------------------------------------------------------------------------------
+    def _finish(self) -> dict[str, Any]:
+        records = self.log.records()
+        evaluated = [r for r in records if r.get("test_accuracy") is not None]
+        final = evaluated[-1] if evaluated else {}
+        client_rounds = sum(len(r["clients"]) for r in records) or 1
+        summary = {
+            "name": self.config.name,
+            "algorithm": self.config.algorithm["name"],
+            "model": self.config.model.name,
+            "rounds": self.config.rounds,
+            "final_accuracy": final.get("test_accuracy"),
+            "final_test_loss": final.get("test_loss"),
+            "uplink_bytes": self.totals["uplink"],
+            "downlink_bytes": self.totals["downlink"],
+            "uplink_bytes_per_client_round": self.totals["uplink"] / client_rounds,
+            "mpi_bytes": self.totals["mpi"],
+            "rejected_payloads": self.totals["rejected"],
+            "wall_seconds": self._wall(),
+            "world_size": self.world.size,
+            "num_clients": self.num_clients,
+            "resolution": self.inputs.resolution,
+            "model_params": self.server_model.param_numel,
+            "model_sha256": self.server_model.sha256(),
+        }
+        torch.save(self.server_model.model.state_dict(), self.run_dir / "model.pt")
+        tmp = self.run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, self.run_dir / "summary.json")
+        print(f"[osfed-hpc] done: {json.dumps(summary)}", flush=True)
+        return summary

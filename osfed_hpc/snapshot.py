@@ -1,0 +1,362 @@
+"""Snapshots: a few synthetic images plus free labels whose loss gradient encodes a model update.
+
+Shared by OS-Fed and 3SFC (OS-Fed with ``factor = 1``). The client *encodes* an update tau by
+searching for a snapshot S and labels Y such that the gradient of the cross-entropy of the model
+at W_t on the decoded batch ``F(S)`` points along tau (``synthesize``); the server *decodes* by
+computing that same gradient at the same W_t (``synthetic_gradient``). The error-feedback residual
+assumes the two gradients are identical, so both sides call the very same function under the same
+numerical settings (``exact_numerics``).
+
+``F`` is the multi-grid function: it splits each snapshot into cells and resizes every cell back
+to full resolution, so one H x W image yields several training samples ("decouples conflicting
+gradient directions", OS-Fed). ``F`` is linear in S and deterministic.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .flat import FlatModel
+
+#: epsilon in the cosine denominator, as in the 3SFC reference code
+COS_EPS = 1e-12
+
+Leaf = tuple[int, int, int]  # (row, col, size) in unit cells of the finest grid
+
+
+# --------------------------------------------------------------------------------------------
+# multi-grid functions
+
+
+def _check_divisible(height: int, width: int, factor: int) -> None:
+    if factor < 1 or height % factor or width % factor:
+        raise ValueError(
+            f"multi-grid factor {factor} does not divide the snapshot resolution {height}x{width}; "
+            f"choose a factor that divides both sides"
+        )
+
+
+def _resize(cells: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear, ``align_corners=False``, no antialias: IDC's ``decode_zoom`` upsampler."""
+    return F.interpolate(cells, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
+
+
+def multigrid_uniform(snapshots: torch.Tensor, factor: int) -> torch.Tensor:
+    """[M, C, H, W] -> [M*f*f, C, H, W]: f x f equal cells of each snapshot, each resized to H x W.
+
+    Order: snapshot-major, then cells row-major (cell (i, j) of snapshot m is sample
+    ``m*f*f + i*f + j``). ``factor = 1`` returns the input itself (3SFC).
+    """
+    m, c, h, w = snapshots.shape
+    _check_divisible(h, w, factor)
+    if factor == 1:
+        return snapshots
+    ch, cw = h // factor, w // factor
+    cells = snapshots.reshape(m, c, factor, ch, factor, cw).permute(0, 2, 4, 1, 3, 5)
+    return _resize(cells.reshape(m * factor * factor, c, ch, cw), h, w)
+
+
+def default_multiscale_leaves(grid: int) -> tuple[Leaf, ...]:
+    """The default quadtree on a ``grid`` x ``grid`` lattice of unit cells (``grid % 4 == 0``).
+
+    Top-left and bottom-right quadrants are split 2 x 2, top-right and bottom-left go down to
+    single unit cells. At 224 px with grid 8 that is 4+16+16+4 = 40 samples: eight 56-px cells
+    (4x upsampling) and thirty-two 28-px cells (8x), the mix described in OS-Fed D.1. Order:
+    quadrants TL, TR, BL, BR; row-major inside each quadrant.
+    """
+    if grid < 4 or grid % 4:
+        raise ValueError(f"the default multi-scale layout needs a factor divisible by 4, got {grid}")
+    half = grid // 2
+    leaves: list[Leaf] = []
+    for qr, qc, size in ((0, 0, half // 2), (0, half, 1), (half, 0, 1), (half, half, half // 2)):
+        for r in range(qr, qr + half, size):
+            for c in range(qc, qc + half, size):
+                leaves.append((r, c, size))
+    return tuple(leaves)
+
+
+def check_leaves(leaves: tuple[Leaf, ...], grid: int) -> None:
+    """Raise ``ValueError`` unless ``leaves`` are square cells that tile the grid exactly once.
+
+    A tiling (rather than any set of cells) keeps every pixel of the snapshot in use and makes
+    the layout a genuine quadtree-style partition, the same on client and server.
+    """
+    covered = [[False] * grid for _ in range(grid)]
+    for leaf in leaves:
+        if len(leaf) != 3 or not all(isinstance(v, int) for v in leaf):
+            raise ValueError(f"multi-scale leaf {leaf!r} must be (row, col, size) integers")
+        r, c, s = leaf
+        if s < 1 or r < 0 or c < 0 or r + s > grid or c + s > grid:
+            raise ValueError(f"multi-scale leaf {leaf!r} lies outside the {grid}x{grid} grid")
+        for i in range(r, r + s):
+            for j in range(c, c + s):
+                if covered[i][j]:
+                    raise ValueError(f"multi-scale leaf {leaf!r} overlaps another leaf at unit cell ({i}, {j})")
+                covered[i][j] = True
+    if not all(all(row) for row in covered):
+        raise ValueError(f"multi-scale leaves do not cover the whole {grid}x{grid} grid")
+
+
+def multigrid_multiscale(snapshots: torch.Tensor, grid: int, leaves: tuple[Leaf, ...]) -> torch.Tensor:
+    """[M, C, H, W] -> [M*L, C, H, W]: each leaf cell (in units of H/grid px) resized to H x W.
+
+    Order: snapshot-major, then ``leaves`` order. Leaves of one size are resized in one call.
+    """
+    m, c, h, w = snapshots.shape
+    _check_divisible(h, w, grid)
+    uh, uw = h // grid, w // grid
+    groups: dict[int, list[int]] = {}
+    for index, (_, _, size) in enumerate(leaves):
+        groups.setdefault(size, []).append(index)
+    parts, order = [], []
+    for size, indices in groups.items():
+        crops = [snapshots[:, :, r * uh : (r + s) * uh, col * uw : (col + s) * uw]
+                 for r, col, s in (leaves[i] for i in indices)]
+        stacked = torch.stack(crops, dim=1).reshape(m * len(indices), c, size * uh, size * uw)
+        parts.append(_resize(stacked, h, w).reshape(m, len(indices), c, h, w))
+        order.extend(indices)
+    decoded = torch.cat(parts, dim=1)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return decoded.index_select(1, inverse.to(decoded.device)).reshape(m * len(leaves), c, h, w)
+
+
+@dataclass(frozen=True)
+class MultiGrid:
+    """Which multi-grid function to apply: uniform ``factor`` (``leaves is None``) or a multi-scale layout.
+
+    For multi-scale, ``factor`` is the finest grid (unit cell = H/factor px) and ``leaves`` tile it.
+    """
+
+    factor: int
+    leaves: tuple[Leaf, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.leaves is not None:
+            check_leaves(self.leaves, self.factor)
+
+    @property
+    def samples_per_snapshot(self) -> int:
+        return self.factor * self.factor if self.leaves is None else len(self.leaves)
+
+    def check_resolution(self, height: int, width: int) -> None:
+        _check_divisible(height, width, self.factor)
+
+    def __call__(self, snapshots: torch.Tensor) -> torch.Tensor:
+        if self.leaves is None:
+            return multigrid_uniform(snapshots, self.factor)
+        return multigrid_multiscale(snapshots, self.factor, self.leaves)
+
+
+def as_grid(grid: int | MultiGrid) -> MultiGrid:
+    """An int means the uniform multi-grid with that factor."""
+    return grid if isinstance(grid, MultiGrid) else MultiGrid(int(grid))
+
+
+# --------------------------------------------------------------------------------------------
+# the synthetic gradient (encoder objective and decoder)
+
+
+def synthetic_gradient(
+    model: FlatModel,
+    snapshots: torch.Tensor,
+    labels: torch.Tensor,
+    grid: int | MultiGrid,
+    create_graph: bool = False,
+) -> torch.Tensor:
+    """Flat gradient w.r.t. the model *parameters* of mean ``cross_entropy(f(F(S)), Y)`` (soft targets).
+
+    Laid out like ``model.params_vector``; frozen or unused parameters contribute zeros. Uses
+    ``autograd.grad`` on the parameter tensors, so no ``.grad`` is written and the model is not
+    copied. ``create_graph=True`` keeps the graph for the outer (double-backward) optimisation.
+    Client and server call exactly this function, so on the same device class the decoded
+    gradient is bitwise the client's.
+    """
+    net = model.model
+    params = list(net.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    with torch.enable_grad():
+        logits = net(as_grid(grid)(snapshots))
+        loss = F.cross_entropy(logits, labels)
+        grads = iter(torch.autograd.grad(loss, trainable, create_graph=create_graph, materialize_grads=True))
+    flat = [next(grads).reshape(-1) if p.requires_grad else p.new_zeros(p.numel()) for p in params]
+    return torch.cat(flat)
+
+
+@contextlib.contextmanager
+def exact_numerics(net: nn.Module) -> Iterator[None]:
+    """Eval mode, fp32 without TF32, deterministic kernels and the math attention backend.
+
+    Why: the error-feedback residual is exact only if the server's gradient equals the client's.
+    TF32 convolutions/matmuls (cuDNN's default) and nondeterministic kernels break that; eval
+    mode removes dropout; flash/memory-efficient attention has no double backward, so ViTs need
+    the math SDPA backend for synthesis (and use it for decoding too, to match). Determinism is
+    ``warn_only`` because the synthesis-only double backward of bilinear upsampling has no
+    deterministic CUDA kernel; the decoder path (forward + parameter gradient) does. Everything
+    is restored on exit.
+    """
+    backends = torch.backends
+    saved = (
+        backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.deterministic,
+        backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    modes = [(module, module.training) for module in net.modules()]
+    try:
+        backends.cuda.matmul.allow_tf32 = False
+        backends.cudnn.allow_tf32 = False
+        backends.cudnn.deterministic = True
+        backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        net.eval()
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.deterministic,
+         backends.cudnn.benchmark) = saved[:4]
+        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+        for module, training in modes:
+            module.training = training
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a, b> / (|a| |b| + 1e-12), the 3SFC cosine."""
+    return torch.dot(a, b) / (a.norm() * b.norm() + COS_EPS)
+
+
+# --------------------------------------------------------------------------------------------
+# synthesis
+
+
+@dataclass
+class SynthesisConfig:
+    """Optimizer for (S, Y). LBFGS defaults are 3SFC's (lr 1, 20 inner iterations, history 100,
+    10 outer steps); Adam is the cheaper choice for large models and resolutions."""
+
+    optimizer: str = "lbfgs"
+    lbfgs_lr: float = 1.0
+    lbfgs_max_iter: int = 20
+    lbfgs_history: int = 100
+    outer_steps: int = 10
+    adam_lr: float = 0.1
+    adam_steps: int = 100
+
+
+class _Best:
+    """The best finite iterate seen so far, by loss (LBFGS can wander off to NaN)."""
+
+    def __init__(self) -> None:
+        self.loss = math.inf
+        self.snapshots: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+
+    def offer(self, loss: float, snapshots: torch.Tensor, labels: torch.Tensor) -> None:
+        if math.isfinite(loss) and loss < self.loss:
+            self.loss = loss
+            self.snapshots = snapshots.detach().clone()
+            self.labels = labels.detach().clone()
+
+
+def synthesize(
+    model: FlatModel,
+    target: torch.Tensor,
+    input_shape: tuple[int, int, int],
+    num_snapshots: int,
+    grid: int | MultiGrid,
+    num_classes: int,
+    config: SynthesisConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Find (S, Y) minimising ``1 - |cos(g(S, Y), target)|`` at the model's current weights.
+
+    S is [M, C, H, W], Y is [M * samples_per_snapshot, K], both drawn from N(0, 1) with
+    ``generator``. The outer gradient is taken w.r.t. (S, Y) only (``autograd.grad``), not
+    ``.backward()``: that skips the second-order gradients into every model parameter, which
+    the reference code computes and throws away. Returns the best finite iterate (the initial
+    point counts) and ``info``: ``cos`` and ``cos_init`` (|cos| at the best and initial point),
+    ``iterations`` (objective evaluations with a double backward) and ``seconds``.
+    """
+    grid = as_grid(grid)
+    device = model.vector.device
+    started = time.perf_counter()
+    shape = (num_snapshots, *input_shape)
+    snapshots = torch.randn(shape, generator=generator, device=generator.device).to(device).requires_grad_()
+    labels_shape = (num_snapshots * grid.samples_per_snapshot, num_classes)
+    labels = torch.randn(labels_shape, generator=generator, device=generator.device).to(device).requires_grad_()
+    target = target.detach().to(device, torch.float32)
+
+    def objective(s: torch.Tensor, y: torch.Tensor, create_graph: bool) -> torch.Tensor:
+        return 1.0 - cosine(synthetic_gradient(model, s, y, grid, create_graph), target).abs()
+
+    def evaluate() -> float:
+        return float(objective(snapshots.detach(), labels.detach(), False))
+
+    best = _Best()
+    with exact_numerics(model.model):
+        initial = evaluate()
+        best.offer(initial, snapshots, labels)
+        run = _run_lbfgs if config.optimizer == "lbfgs" else _run_adam
+        iterations = run(objective, evaluate, snapshots, labels, config, best)
+    if best.snapshots is None:  # even the initial point was not finite (e.g. a NaN target)
+        best.snapshots, best.labels = snapshots.detach().clone(), labels.detach().clone()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    info = {
+        "cos": 1.0 - best.loss if math.isfinite(best.loss) else float("nan"),
+        "cos_init": 1.0 - initial,
+        "iterations": float(iterations),
+        "seconds": time.perf_counter() - started,
+    }
+    return best.snapshots, best.labels, info
+
+
+def _set_grads(loss: torch.Tensor, snapshots: torch.Tensor, labels: torch.Tensor) -> None:
+    grad_s, grad_y = torch.autograd.grad(loss, [snapshots, labels])
+    snapshots.grad, labels.grad = grad_s, grad_y
+
+
+def _run_lbfgs(objective, evaluate, snapshots, labels, config: SynthesisConfig, best: _Best) -> int:
+    """3SFC's loop: ``outer_steps`` LBFGS steps, re-evaluate after each, keep the best finite point."""
+    optimizer = torch.optim.LBFGS(
+        [snapshots, labels], lr=config.lbfgs_lr, max_iter=config.lbfgs_max_iter, history_size=config.lbfgs_history
+    )
+    evaluations = 0
+
+    def closure() -> torch.Tensor:
+        nonlocal evaluations
+        evaluations += 1
+        loss = objective(snapshots, labels, True)
+        _set_grads(loss, snapshots, labels)
+        return loss.detach()
+
+    for _ in range(config.outer_steps):
+        optimizer.step(closure)
+        loss = evaluate()
+        if not math.isfinite(loss):  # a NaN point only ever leads to more NaN
+            break
+        best.offer(loss, snapshots, labels)
+    return evaluations
+
+
+def _run_adam(objective, evaluate, snapshots, labels, config: SynthesisConfig, best: _Best) -> int:
+    """Adam on (S, Y); each step's loss is that of the point before the step, so it is offered first."""
+    optimizer = torch.optim.Adam([snapshots, labels], lr=config.adam_lr)
+    for step in range(config.adam_steps):
+        loss = objective(snapshots, labels, True)
+        value = float(loss)
+        if not math.isfinite(value):
+            return step + 1
+        if step:
+            best.offer(value, snapshots, labels)
+        _set_grads(loss, snapshots, labels)
+        optimizer.step()
+    best.offer(evaluate(), snapshots, labels)
+    return config.adam_steps
