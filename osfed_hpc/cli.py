@@ -23,6 +23,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, RunError, CheckpointError)
 
 
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data import prepare_dataset
 
@@ -54,6 +55,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     report = verify_dataset(args.data, sample=args.sample)
     print(json.dumps(report, indent=1))
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import run_report
+
+    return run_report(args.runs, args.out)
 
 
 def _split_run_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -152,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="CONFIG.yaml | key.sub=value")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="compare finished runs (accuracy, uplink bytes, ratio to FedAvg)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="also write report.csv, report.md and PNG plots into this folder")
+    p.set_defaults(func=cmd_report)
 
     _add_cluster_commands(sub)
     return parser

@@ -187,8 +187,11 @@ def node_local_rank() -> int:
         comm.Free()
 
 
-def node_local_size() -> int:
-    comm = _mpi().COMM_WORLD.Split_type(_mpi().COMM_TYPE_SHARED)
+def node_local_size(comm=None) -> int:
+    """Ranks of ``comm`` (default: the world) that share this node."""
+    if comm is not None and comm.Get_size() == 1:
+        return 1
+    comm = (comm or _mpi().COMM_WORLD).Split_type(_mpi().COMM_TYPE_SHARED)
     try:
         return comm.Get_size()
     finally:

@@ -13,14 +13,15 @@ import torch
 from .comm import node_local_rank, node_local_size
 
 
-def configure_threads(requested: int, world_size: int) -> int:
+def configure_threads(requested: int, comm) -> int:
+    """Threads for this rank: the request, else SLURM's CPUs per task, else a fair share of the node."""
     if requested > 0:
         threads = requested
     elif os.environ.get("SLURM_CPUS_PER_TASK"):
         threads = int(os.environ["SLURM_CPUS_PER_TASK"])
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = max(1, cores // (node_local_size() if world_size > 1 else 1))
+        threads = max(1, cores // node_local_size(comm))
     torch.set_num_threads(threads)
     return threads
 

@@ -158,3 +158,12 @@ def require(payload: Payload, expected: Mapping[str, tuple[str, tuple[int, ...]]
             raise ValueError(
                 f"{context}: payload array {name!r} is {array.dtype.name}{list(array.shape)}, expected {dtype}{list(shape)}"
             )
+
+
+def to_tensor(array: np.ndarray, device) -> "torch.Tensor":
+    """A payload array as a tensor on ``device``; zero-copy on CPU when the buffer is writable."""
+    import torch
+
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array).to(device)

@@ -159,7 +159,7 @@ class Runner:
         self.world = world
         self.run_dir = run_dir
         self.stop_requested = False
-        self.threads = configure_threads(config.runtime.threads, world.size)
+        self.threads = configure_threads(config.runtime.threads, world.comm)
         make_deterministic()
         self.device = select_device(config.runtime.device)
         self.inputs = setup_inputs(config, world, run_dir, resume)
@@ -232,14 +232,17 @@ class Runner:
 
     # signals ---------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
-        """SIGUSR1 (SLURM time limit) / SIGTERM on rank 0: stop at the next round boundary."""
-        if not self.world.is_server:
-            return
+        """SIGUSR1 (SLURM's warning before the time limit) or SIGTERM: stop at the next round boundary.
+
+        Every rank catches them (the default action would kill a worker mid-collective), but only
+        rank 0's flag counts: it is broadcast at the start of each round, so all ranks stop together.
+        """
 
         def request_stop(signum, frame):
             self.stop_requested = True
-            print(f"[osfed-hpc] signal {signal.Signals(signum).name}: checkpointing at the end of this round",
-                  flush=True)
+            if self.world.is_server:
+                print(f"[osfed-hpc] {signal.Signals(signum).name}: will checkpoint and stop at the next round boundary",
+                      flush=True)
 
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, request_stop)

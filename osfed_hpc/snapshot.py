@@ -300,13 +300,15 @@ def synthesize(
         return float(objective(snapshots.detach(), labels.detach(), False))
 
     best = _Best()
+    iterations = 0
     with exact_numerics(model.model):
         initial = evaluate()
         best.offer(initial, snapshots, labels)
-        run = _run_lbfgs if config.optimizer == "lbfgs" else _run_adam
-        iterations = run(objective, evaluate, snapshots, labels, config, best)
-    if best.snapshots is None:  # even the initial point was not finite (e.g. a NaN target)
-        best.snapshots, best.labels = snapshots.detach().clone(), labels.detach().clone()
+        if math.isfinite(initial):  # else (e.g. a NaN target) every point is NaN: return the initial one
+            run = _run_lbfgs if config.optimizer == "lbfgs" else _run_adam
+            iterations = run(objective, evaluate, snapshots, labels, config, best)
+    if best.snapshots is None:
+        best.snapshots, best.labels = snapshots.detach(), labels.detach()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     info = {
@@ -351,7 +353,7 @@ def _run_adam(objective, evaluate, snapshots, labels, config: SynthesisConfig, b
     optimizer = torch.optim.Adam([snapshots, labels], lr=config.adam_lr)
     for step in range(config.adam_steps):
         loss = objective(snapshots, labels, True)
-        value = float(loss)
+        value = float(loss.detach())
         if not math.isfinite(value):
             return step + 1
         if step:

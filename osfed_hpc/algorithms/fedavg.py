@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..payload import Payload, require
+from ..payload import Payload, require, to_tensor
 from .base import Algorithm, ClientContext, ClientResult
 from .local_training import client_lr, count_participation, local_sgd
 
@@ -49,7 +49,7 @@ class FedAvg(Algorithm):
     def server_accumulate(self, client_id: int, payload: Payload, weight: float) -> dict[str, float]:
         context = f"client {client_id}, round {self._round}"
         require(payload, {"update": ("float32", (self.env.model.numel,))}, context)
-        update = torch.from_numpy(payload.arrays["update"]).to(self._sum.device)
+        update = to_tensor(payload.arrays["update"], self._sum.device)
         if not torch.isfinite(update).all():
             raise ValueError(f"{context}: update holds NaN or Inf")
         w = weight if self.options.weighting == "samples" else 1.0

@@ -108,6 +108,10 @@ class JpegShardWriter:
         """Record a source file that was not converted, and why."""
         self._skipped.append((name, reason))
 
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        return list(self._skipped)
+
     def _flush(self) -> None:
         if not self._pending:
             return

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -32,6 +33,12 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
     Image.DecompressionBombError,
 )
 EVAL_CROP_FRACTION = 0.875  # resize the shorter side to resolution / 0.875, then center crop
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` without PIL's ``<_io.BytesIO object at 0x...>`` (not reproducible)."""
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc))
+    return f"{type(exc).__name__}: {text}"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

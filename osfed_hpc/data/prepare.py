@@ -2,7 +2,7 @@
 
 The flow: check arguments -> if ``dataset.json`` exists, return (same settings) or refuse ->
 list the source deterministically -> claim the directory (``conversion.json`` records the settings
-of an unfinished conversion, so a rerun can only resume with the same ones) -> write every shard
+and source listing, so a rerun can only resume with the same ones) -> write every shard
 that is not already complete, in parallel for image folders -> ``skipped.tsv`` -> ``dataset.json``
 last. A shard is kept on a rerun when its attributes say it was made from exactly the planned
 items (a sha256 of the item list) and its lengths agree; anything else is rewritten.
@@ -28,7 +28,7 @@ import numpy as np
 from .atomic import remove_stale_temps, write_bytes_atomic
 from .errors import DataError
 from .hdf5 import JpegShardWriter, shard_name, shard_summary, write_raw_shard
-from .imaging import DECODE_ERRORS, encode_for_storage, read_file
+from .imaging import DECODE_ERRORS, describe_error, encode_for_storage, read_file
 from .manifest import (
     FORMAT_VERSION,
     IMAGENET_MEAN,
@@ -41,7 +41,7 @@ from .manifest import (
 from .progress import Progress
 from .sources import ArraySource, FolderSource, load_digits, load_mnist5k, scan_imagefolder
 
-CONVERSION_NAME = "conversion.json"  # settings of an unfinished conversion
+CONVERSION_NAME = "conversion.json"  # settings + source listing + start time of the conversion
 SKIPPED_NAME = "skipped.tsv"
 
 
@@ -52,7 +52,7 @@ class ShardJob:
     split: str
     index: int
     path: Path
-    items: list  # imagefolder: [(relative path, label)], raw: source indices
+    items: Any  # imagefolder: [(relative path, label)], raw: source indices
     items_sha256: str
 
 
@@ -91,23 +91,21 @@ def prepare_dataset(
     src: ArraySource | FolderSource
     if source == "imagefolder":
         src = scan_imagefolder(root, test_fraction, seed)  # type: ignore[arg-type]
-        claim = dict(settings, listing_sha256=src.listing_digest())
+        listing = src.listing_digest()
     else:
         loader = load_mnist5k if source == "mnist5k" else load_digits
         src = loader(test_fraction, seed)
-        claim = dict(settings)
-    _claim_directory(out, claim)
+        listing = None
+    started = _claim_directory(out, settings, listing)
     remove_stale_temps(out)
     if isinstance(src, FolderSource):
         results = _convert_folder(src, out, max_side, quality, shard_size, workers, progress)
     else:
         results = _convert_arrays(src, out, shard_size)
-    meta = _build_meta(src, settings, test_fraction if settings["test_fraction"] is not None else None,
-                       seed, results, out)
+    meta = _build_meta(src, settings, seed, results, out, started)
     if isinstance(src, FolderSource):
         _write_skipped(out, results)
     write_manifest(out, meta)
-    (out / CONVERSION_NAME).unlink(missing_ok=True)
     if progress:
         counts = ", ".join(f"{s} {meta['splits'][s]['count']:,}" for s in SPLITS)
         print(f"prepared {out}: {counts}, skipped {meta['skipped']}", file=sys.stderr)
@@ -157,11 +155,18 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 def _already_prepared(out: Path, settings: dict[str, Any], progress: bool) -> bool:
+    """True if ``out`` holds a finished dataset with these settings and all its shards.
+
+    Other settings: refused. Same settings but shards missing: False, and the caller resumes
+    (rewriting only the missing shards; the manifest comes out byte-identical).
+    """
     manifest = out / MANIFEST_NAME
     if not manifest.exists():
         return False
     try:
-        previous = json.loads(manifest.read_text())["settings"]
+        meta = json.loads(manifest.read_text())
+        previous = meta["settings"]
+        files = [s["file"] for split in meta["splits"].values() for s in split["shards"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{manifest}: exists but is unreadable ({exc}); refusing to overwrite it") from None
     if previous != settings:
@@ -169,31 +174,48 @@ def _already_prepared(out: Path, settings: dict[str, Any], progress: bool) -> bo
             f"{out}: already holds a finished dataset prepared with other settings "
             f"({_diff(previous, settings)}); refusing to overwrite it: choose another directory or delete it"
         )
+    missing = [f for f in files if not (out / f).is_file()]
+    if missing:
+        if progress:
+            print(f"{out}: {len(missing)} shard(s) missing ({missing[0]} ...), resuming", file=sys.stderr)
+        return False
     if progress:
         print(f"{out}: already prepared with these settings", file=sys.stderr)
     return True
 
 
-def _claim_directory(out: Path, claim: dict[str, Any]) -> None:
-    """Make ``out`` ours: new or empty, or an unfinished conversion with the very same settings."""
+def _claim_directory(out: Path, settings: dict[str, Any], listing: str | None) -> str:
+    """Make ``out`` ours and return the conversion's start time (the manifest's ``created``).
+
+    ``out`` must be new or empty, or hold ``conversion.json`` with the very same settings and
+    source listing (an unfinished or damaged conversion, which is then resumed). The start time
+    is kept across resumes so that a resumed conversion writes the same manifest bytes, hence
+    the same fingerprint, and partitions made before stay valid.
+    """
     record = out / CONVERSION_NAME
+    claim = {"settings": settings, "listing_sha256": listing}
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a directory")
     if record.exists():
         try:
             previous = json.loads(record.read_text())
-        except (OSError, ValueError) as exc:
+            started = previous.pop("started")
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
             raise DataError(f"{record}: unreadable ({exc}); delete the directory to start over") from None
         if previous != claim:
+            what = "the source folder changed" if previous.get("settings") == settings else \
+                _diff(previous.get("settings") or {}, settings)
             raise DataError(
-                f"{out}: holds an unfinished conversion with other settings ({_diff(previous, claim)}); "
-                "rerun with the same settings to resume it, or delete the directory"
+                f"{out}: holds a conversion with other settings ({what}); "
+                "rerun with the same settings and source to resume it, or delete the directory"
             )
-        return
+        return str(started)
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: directory is not empty and holds no dataset or conversion; refusing to write into it")
     out.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(record, (json.dumps(claim, indent=1, sort_keys=True) + "\n").encode())
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_bytes_atomic(record, (json.dumps(dict(claim, started=started), indent=1, sort_keys=True) + "\n").encode())
+    return started
 
 
 def _items_digest(items: Any) -> str:
@@ -261,7 +283,7 @@ def convert_shard(job: ShardJob, root: Path, max_side: int, quality: int, num_cl
             try:
                 encoded = encode_for_storage(read_file(root / rel), max_side, quality)
             except DECODE_ERRORS as exc:
-                writer.skip(rel, f"{type(exc).__name__}: {exc}")
+                writer.skip(rel, describe_error(exc))
             else:
                 writer.add(encoded, label, rel)
                 counts[label] += 1
@@ -273,7 +295,7 @@ def convert_shard(job: ShardJob, root: Path, max_side: int, quality: int, num_cl
     except Exception as exc:
         writer.abort()
         raise RuntimeError(f"{job.path}: conversion failed: {type(exc).__name__}: {exc}") from exc
-    return ShardResult(job.split, job.index, job.path.name, count, counts, writer._skipped)
+    return ShardResult(job.split, job.index, job.path.name, count, counts, writer.skipped)
 
 
 _QUEUE: Any = None
@@ -327,8 +349,15 @@ def _convert_folder(src: FolderSource, out: Path, max_side: int, quality: int, s
 
 def _run_pool(todo: list[ShardJob], root: Path, max_side: int, quality: int, num_classes: int,
               n_workers: int, bar: Progress, results: dict[tuple[str, int], ShardResult]) -> None:
-    """Convert shards in ``spawn``ed processes (no inherited state: HDF5, threads or MPI)."""
-    ctx = multiprocessing.get_context("spawn")
+    """Convert shards in a process pool.
+
+    ``fork`` where available: it starts at once and, unlike ``spawn``, does not re-run the main
+    module (which fails for stdin or notebooks, and could import mpi4py). It is safe here because
+    at this point the process holds no open HDF5 file (shards checked on resume are closed
+    again), and ``prepare`` runs neither MPI nor torch.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     progress_queue = ctx.Queue()
     with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(progress_queue,)) as pool:
@@ -376,8 +405,8 @@ def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return [float(v) for v in mean], [float(v) for v in std]
 
 
-def _build_meta(src: ArraySource | FolderSource, settings: dict[str, Any], test_fraction: float | None,
-                seed: int, results: list[ShardResult], out: Path) -> dict[str, Any]:
+def _build_meta(src: ArraySource | FolderSource, settings: dict[str, Any], seed: int,
+                results: list[ShardResult], out: Path, started: str) -> dict[str, Any]:
     splits = {}
     for split in SPLITS:
         mine = [r for r in results if r.split == split]
@@ -400,20 +429,21 @@ def _build_meta(src: ArraySource | FolderSource, settings: dict[str, Any], test_
         "format_version": FORMAT_VERSION,
         "source": settings["source"],
         "seed": int(seed),
-        "test_fraction": test_fraction,
+        "test_fraction": settings["test_fraction"],  # None when train/ and val/ give the split
         **image_info,
         "classes": list(src.classes),
         "mean": mean,
         "std": std,
         "splits": splits,
         "skipped": sum(len(r.skipped) for r in results),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": started,  # when the conversion began: stable across resumes
         "settings": settings,
     }
 
 
 def _clean(text: str) -> str:
-    return " ".join(str(text).split())
+    """One TSV field: tabs and line breaks become spaces."""
+    return str(text).replace("\t", " ").replace("\r", " ").replace("\n", " ")
 
 
 def _write_skipped(out: Path, results: list[ShardResult]) -> None:

@@ -1,0 +1,239 @@
+"""Snapshot synthesis: ``osfed_hpc.snapshot.synthesize`` against a 3SFC-style reference loop.
+
+The reference does what the 3SFC code does each iteration: deep-copy the model once, take the
+parameter gradient with ``autograd.grad(create_graph=True)``, then ``loss.backward()``, which also
+computes second-order gradients into every model parameter, and re-evaluate the full closure
+(double backward included) after each LBFGS step. Ours differentiates w.r.t. (S, Y) only, does not
+copy the model and re-evaluates with a first-order pass. Both start from the same (S, Y), run the
+same LBFGS settings and must reach the same cosine.
+
+Every (case, variant) runs in a fresh subprocess, so the peak memory (CPU: ``ru_maxrss`` growth
+over the process's state before synthesis; CUDA: ``max_memory_allocated`` growth) belongs to that
+variant alone. A warm-up (one LBFGS step of one evaluation) precedes the timed run in each process.
+
+    .venv/bin/python benchmarks/bench_synthesis.py            # cnn 28 px (3SFC settings) + resnet18_gn 224 px
+    .venv/bin/python benchmarks/bench_synthesis.py --quick    # seconds, for a smoke check
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from osfed_hpc.flat import FlatModel  # noqa: E402
+from osfed_hpc.models import build_model  # noqa: E402
+from osfed_hpc.snapshot import MultiGrid, SynthesisConfig, cosine, exact_numerics, synthesize  # noqa: E402
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "synthesis.json"
+COS_TOLERANCE = 0.02
+
+
+@dataclass
+class Case:
+    name: str
+    model: str
+    channels: int
+    size: int
+    classes: int
+    factor: int
+    outer_steps: int
+    max_iter: int
+    target_batch: int = 32
+    seed: int = 0
+
+
+def cases(args: argparse.Namespace) -> list[Case]:
+    small_outer = 2 if args.quick else args.small_outer_steps
+    large_size = 64 if args.quick else args.large_size
+    return [
+        Case("cnn-28px-f2", "cnn", 1, 28, 10, 2, small_outer, args.small_max_iter),
+        Case(f"resnet18_gn-{large_size}px-f2", "resnet18_gn", 3, large_size, 10, 2, 1, args.large_evals,
+             target_batch=4),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# the reference: how the 3SFC code synthesises (deep copy, create_graph, .backward(), closure re-eval)
+
+
+def reference_synthesize(net: torch.nn.Module, target: torch.Tensor, shape, labels_shape, grid: MultiGrid,
+                         case: Case, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    started = time.perf_counter()
+    net = copy.deepcopy(net)
+    x = torch.randn(shape, generator=generator, device=generator.device).to(target.device).requires_grad_()
+    y = torch.randn(labels_shape, generator=generator, device=generator.device).to(target.device).requires_grad_()
+    optimizer = torch.optim.LBFGS([x, y], lr=1.0, max_iter=case.max_iter, history_size=100)
+    evaluations = 0
+
+    def closure() -> torch.Tensor:
+        nonlocal evaluations
+        evaluations += 1
+        optimizer.zero_grad()
+        loss = F.cross_entropy(net(grid(x)), y)
+        grads = torch.autograd.grad(loss, list(net.parameters()), create_graph=True, allow_unused=True)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        objective = 1.0 - cosine(flat, target).abs()
+        objective.backward()
+        return objective
+
+    best, best_x, best_y = float("inf"), x.detach().clone(), y.detach().clone()
+    with exact_numerics(net):
+        for _ in range(case.outer_steps):
+            optimizer.step(closure)
+            value = float(closure())
+            if 0 <= value < best:
+                best, best_x, best_y = value, x.detach().clone(), y.detach().clone()
+    return best_x, best_y, {"cos": 1.0 - best, "iterations": evaluations, "seconds": time.perf_counter() - started}
+
+
+# --------------------------------------------------------------------------------------------
+# one variant in one process
+
+
+def make_target(case: Case, device: torch.device) -> torch.Tensor:
+    """-lr * gradient of a random labelled batch: shaped like a real local update."""
+    net = build_model(case.model, case.channels, case.size, case.classes, seed=case.seed).to(device)
+    gen = torch.Generator().manual_seed(case.seed + 1)
+    x = torch.randn(case.target_batch, case.channels, case.size, case.size, generator=gen).to(device)
+    y = torch.randint(0, case.classes, (case.target_batch,), generator=gen).to(device)
+    grads = torch.autograd.grad(F.cross_entropy(net(x), y), list(net.parameters()))
+    return -0.05 * torch.cat([g.reshape(-1) for g in grads]).detach()
+
+
+def _peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_variant(variant: str, case: Case, target_path: str, device: torch.device) -> dict:
+    target = torch.load(target_path).to(device)
+    net = build_model(case.model, case.channels, case.size, case.classes, seed=case.seed).to(device)
+    model = FlatModel(net)
+    grid = MultiGrid(case.factor)
+    shape = (1, case.channels, case.size, case.size)
+    labels_shape = (grid.samples_per_snapshot, case.classes)
+
+    def run(outer_steps: int, max_iter: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        generator = torch.Generator().manual_seed(1234)
+        if variant == "ours":
+            config = SynthesisConfig(outer_steps=outer_steps, lbfgs_max_iter=max_iter)
+            return synthesize(model, target, shape[1:], 1, grid, case.classes, config, generator)
+        short = Case(**{**asdict(case), "outer_steps": outer_steps, "max_iter": max_iter})
+        return reference_synthesize(net, target, shape, labels_shape, grid, short, generator)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    base = _peak_bytes(device)
+    run(1, 1)  # warm-up: lazy initialisation, allocator and thread pools
+    _, _, info = run(case.outer_steps, case.max_iter)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {"seconds": info["seconds"], "cos": info["cos"], "evaluations": int(info["iterations"]),
+            "peak_mib": (_peak_bytes(device) - base) / 2**20}
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+
+
+def spawn(variant: str, case: Case, target_path: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--worker", variant, "--case", json.dumps(asdict(case)),
+               "--target", target_path, "--device", args.device, "--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{variant} on {case.name} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def best_of(variant: str, case: Case, target_path: str, args: argparse.Namespace) -> dict:
+    runs = [spawn(variant, case, target_path, args) for _ in range(args.repeat)]
+    fastest = min(runs, key=lambda r: r["seconds"])
+    return {**fastest, "peak_mib": max(r["peak_mib"] for r in runs), "all_seconds": [r["seconds"] for r in runs]}
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases(args):
+            target_path = os.path.join(tmp, f"{case.name}.pt")
+            torch.save(make_target(case, device).cpu(), target_path)
+            ours = best_of("ours", case, target_path, args)
+            reference = best_of("reference", case, target_path, args)
+            results.append({
+                "case": asdict(case), "name": case.name, "ours": ours, "reference": reference,
+                "speedup": reference["seconds"] / ours["seconds"],
+                "cos_difference": abs(ours["cos"] - reference["cos"]),
+                "same_cos": abs(ours["cos"] - reference["cos"]) <= COS_TOLERANCE,
+            })
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": args.device, "threads": args.threads, "repeat": args.repeat, "quick": args.quick,
+        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        "cpu_count": os.cpu_count(), "cos_tolerance": COS_TOLERANCE, "cases": results,
+    }
+
+
+def print_table(report: dict) -> None:
+    header = (f"{'case':<26}{'evals ours/ref':>16}{'ours s':>10}{'ref s':>10}{'speedup':>9}"
+              f"{'cos ours':>10}{'cos ref':>10}{'peak MiB ours/ref':>20}")
+    print(header)
+    print("-" * len(header))
+    for r in report["cases"]:
+        o, ref = r["ours"], r["reference"]
+        print(f"{r['name']:<26}{o['evaluations']:>7}/{ref['evaluations']:<8}{o['seconds']:>10.3f}"
+              f"{ref['seconds']:>10.3f}{r['speedup']:>8.2f}x{o['cos']:>10.4f}{ref['cos']:>10.4f}"
+              f"{o['peak_mib']:>11.1f}/{ref['peak_mib']:<8.1f}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 outer steps at 28 px; the large case at 64 px")
+    parser.add_argument("--small-outer-steps", type=int, default=10, help="LBFGS outer steps, cnn case (3SFC: 10)")
+    parser.add_argument("--small-max-iter", type=int, default=20, help="LBFGS max_iter, cnn case (3SFC: 20)")
+    parser.add_argument("--large-size", type=int, default=224, help="resolution of the resnet18_gn case")
+    parser.add_argument("--large-evals", type=int, default=3,
+                        help="LBFGS max_iter (= closure evaluations) of the single outer step, resnet18_gn case")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per variant; the fastest is reported")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--target", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        result = run_variant(args.worker, Case(**json.loads(args.case)), args.target, torch.device(args.device))
+        print(json.dumps(result))
+        return
+    report = benchmark(args)
+    print_table(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

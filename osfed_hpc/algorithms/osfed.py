@@ -1,0 +1,381 @@
+"""OS-Fed (Qian et al., CVPR 2026) and 3SFC (ICCV 2023): send a snapshot instead of an update.
+
+Client, per round: local SGD from W_t (the trajectory segment) gives Delta; with error feedback the
+target is tau = Delta + e. At W_t it synthesises a snapshot S (M images) and free labels Y whose
+loss gradient g(S, Y), taken on the multi-grid decoding F(S), is as parallel to tau as possible,
+then sends (S, Y, s) with the least-squares scale s = <g*, tau> / |g*|^2 and keeps e = tau - s g*.
+Server: recomputes g* from (S, Y) at W_t (the same function, so bitwise the same on the same
+device class) and applies W_{t+1} = W_t + server_lr * mean_k s_k g*_k.
+
+3SFC is the special case F = identity (factor 1). What the OS-Fed paper leaves open and the
+defaults chosen here are listed in ``OSFed.Options``; see also docs of ``osfed_hpc.snapshot``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..models import has_batchnorm
+from ..payload import Payload, require
+from ..snapshot import (
+    MultiGrid,
+    SynthesisConfig,
+    cosine,
+    default_multiscale_leaves,
+    exact_numerics,
+    synthesize,
+    synthetic_gradient,
+)
+from ..snapshot_coding import CODECS, array_spec, decode_snapshots, encode_snapshots
+from .base import Algorithm, ClientContext, ClientResult
+from .local_training import client_lr, count_participation, local_sgd
+
+RESIDUAL = "residual"
+#: encode and decode run in eval mode (no dropout; BatchNorm models are refused outright)
+MODE = "eval"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require_int(key: str, value: Any, low: int, high: int | None = None) -> None:
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"algorithm.{key} must be an integer {bound}, got {value!r}")
+
+
+def _require_positive(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"algorithm.{key} must be a positive number, got {value!r}")
+
+
+def _require_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"algorithm.{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def least_squares_scale(direction: torch.Tensor, target: torch.Tensor) -> float | None:
+    """s = <g, tau> / |g|^2 as a float32 value (what goes on the wire), or None if not finite.
+
+    Returning the float32-rounded value matters: the client's residual ``tau - s g`` must use the
+    very scale the server multiplies by.
+    """
+    value = float(torch.dot(direction, target) / torch.dot(direction, direction))
+    return value if math.isfinite(value) else None
+
+
+@dataclass
+class ClientEncoding:
+    """What ``OSFed.compress`` produced: the payload, the transmitted direction g* (as the server
+    will decode it), the scale (None when the payload is a rejection), the new error-feedback
+    residual (None when it must stay as it was) and diagnostics."""
+
+    payload: Payload
+    direction: torch.Tensor | None
+    scale: float | None
+    residual: torch.Tensor | None
+    stats: dict[str, float]
+
+
+class OSFed(Algorithm):
+    name = "osfed"
+    client_stat_names = (
+        "train_loss", "local_steps", "cos", "cos_init", "tau_norm", "residual_norm",
+        "synth_seconds", "synth_iters", "scale",
+    )
+
+    @dataclass
+    class Options:
+        #: multi-grid factor f: f x f cells per snapshot -> f^2 decoded samples (paper: 4 at 224 px;
+        #: 2 here because the small test/MNIST settings use 28 px). For "multiscale", the finest grid.
+        factor: int = 2
+        #: snapshots M per client per round, optimised jointly with one scale (paper D.4: 1..8)
+        num_snapshots: int = 1
+        #: "uniform" (paper default) or "multiscale" (D.1; quadtree leaves, see multiscale_leaves)
+        multigrid: str = "uniform"
+        #: multiscale layout: [[row, col, size], ...] in unit cells of the factor x factor grid,
+        #: tiling it; None = snapshot.default_multiscale_leaves(factor)
+        multiscale_leaves: list[list[int]] | None = None
+        #: "lbfgs" (3SFC settings below) or "adam"
+        optimizer: str = "lbfgs"
+        lbfgs_lr: float = 1.0
+        lbfgs_max_iter: int = 20
+        lbfgs_history: int = 100
+        #: LBFGS steps; after each the loss is re-evaluated and the best finite point kept
+        outer_steps: int = 10
+        adam_lr: float = 0.1
+        adam_steps: int = 100
+        #: "none" (float32 snapshot), "png" (8-bit, lossless on the codes) or "jpeg" (8-bit, lossy)
+        codec: str = "none"
+        jpeg_quality: int = 90
+        #: keep e = tau - s g* per client and add it to the next target (the paper's "error compensation")
+        error_feedback: bool = True
+        #: "uniform" mean over clients (3SFC) or "samples" (weighted by sample count)
+        weighting: str = "uniform"
+        #: local SGD steps in the trajectory segment; None = the local training configured in train
+        segment_steps: int | None = None
+        #: wire dtype of the labels, "float32" or "float16" (the client decodes its own rounding)
+        label_dtype: str = "float32"
+
+        def validate(self) -> None:
+            _require_int("factor", self.factor, 1)
+            _require_int("num_snapshots", self.num_snapshots, 1)
+            _require_choice("multigrid", self.multigrid, ("uniform", "multiscale"))
+            _require_choice("optimizer", self.optimizer, ("lbfgs", "adam"))
+            _require_positive("lbfgs_lr", self.lbfgs_lr)
+            _require_int("lbfgs_max_iter", self.lbfgs_max_iter, 1)
+            _require_int("lbfgs_history", self.lbfgs_history, 1)
+            _require_int("outer_steps", self.outer_steps, 1)
+            _require_positive("adam_lr", self.adam_lr)
+            _require_int("adam_steps", self.adam_steps, 1)
+            _require_choice("codec", self.codec, ("none", *CODECS))
+            _require_int("jpeg_quality", self.jpeg_quality, 1, 100)
+            if not isinstance(self.error_feedback, bool):
+                raise ValueError(f"algorithm.error_feedback must be true or false, got {self.error_feedback!r}")
+            _require_choice("weighting", self.weighting, ("uniform", "samples"))
+            if self.segment_steps is not None:
+                _require_int("segment_steps", self.segment_steps, 1)
+            _require_choice("label_dtype", self.label_dtype, ("float32", "float16"))
+            if self.multiscale_leaves is not None and self.multigrid != "multiscale":
+                raise ValueError("algorithm.multiscale_leaves is only used with algorithm.multigrid = 'multiscale'")
+            try:
+                self.grid()
+            except (ValueError, TypeError) as exc:
+                key = "multiscale_leaves" if self.multiscale_leaves is not None else "factor"
+                raise ValueError(f"algorithm.{key}: {exc}") from None
+
+        def grid(self) -> MultiGrid:
+            if self.multigrid == "uniform":
+                return MultiGrid(self.factor)
+            if self.multiscale_leaves is None:
+                return MultiGrid(self.factor, default_multiscale_leaves(self.factor))
+            return MultiGrid(self.factor, tuple(tuple(leaf) for leaf in self.multiscale_leaves))
+
+        def synthesis(self) -> SynthesisConfig:
+            return SynthesisConfig(
+                optimizer=self.optimizer, lbfgs_lr=self.lbfgs_lr, lbfgs_max_iter=self.lbfgs_max_iter,
+                lbfgs_history=self.lbfgs_history, outer_steps=self.outer_steps, adam_lr=self.adam_lr,
+                adam_steps=self.adam_steps,
+            )
+
+    def __init__(self, options: "OSFed.Options", env) -> None:
+        super().__init__(options, env)
+        options.validate()
+        if has_batchnorm(env.model.model):
+            raise ValueError(
+                f"algorithm.name={self.name} cannot use a BatchNorm model: running statistics cannot be "
+                f"reconstructed from a snapshot, and batch statistics would differ between client and "
+                f"server; use a GroupNorm or norm-free model such as model.name=resnet18_gn, cnn or mlp"
+            )
+        self.grid = options.grid()
+        channels, height, width = env.input_shape
+        try:
+            self.grid.check_resolution(height, width)
+        except ValueError as exc:
+            raise ValueError(f"algorithm.factor: {exc}") from None
+        self.snapshot_shape = (options.num_snapshots, channels, height, width)
+        self.labels_shape = (options.num_snapshots * self.grid.samples_per_snapshot, env.num_classes)
+
+    # wire format -------------------------------------------------------------------------------
+    def header(self, round: int, client_id: int) -> dict[str, Any]:
+        """Meta every payload carries and the server checks: a config mismatch is an error, not noise."""
+        o = self.options
+        return {"algorithm": self.name, "round": round, "client": client_id, "factor": o.factor,
+                "num_snapshots": o.num_snapshots, "multigrid": o.multigrid, "codec": o.codec, "mode": MODE}
+
+    def _expected_arrays(self) -> dict[str, tuple[str, tuple[int, ...] | None]]:
+        spec: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+        if self.options.codec == "none":
+            spec["snapshot"] = ("float32", self.snapshot_shape)
+        else:
+            spec.update(array_spec(self.options.num_snapshots))
+        spec["labels"] = (self.options.label_dtype, self.labels_shape)
+        spec["scale"] = ("float32", (1,))
+        return spec
+
+    def _wire_arrays(self, snapshots: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
+        """Snapshot (raw float32 or image-coded) and labels as they go on the wire (no scale yet)."""
+        snapshots = snapshots.detach().to("cpu", torch.float32).numpy()
+        if self.options.codec == "none":
+            arrays = {"snapshot": snapshots}
+        else:
+            arrays = encode_snapshots(snapshots, self.options.codec, self.options.jpeg_quality)
+        arrays["labels"] = labels.detach().to("cpu", torch.float32).numpy().astype(self.options.label_dtype)
+        return arrays
+
+    def _decode_arrays(self, arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wire arrays -> (S, Y) float32 on the model's device; client and server both use this."""
+        if self.options.codec == "none":
+            snapshots = torch.from_numpy(np.array(arrays["snapshot"], dtype=np.float32))
+        else:
+            snapshots = decode_snapshots(arrays, self.snapshot_shape, self.options.codec)
+        labels = torch.from_numpy(np.asarray(arrays["labels"]).astype(np.float32))
+        device = self.env.model.vector.device
+        return snapshots.to(device), labels.to(device)
+
+    def _direction(self, snapshots: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        model = self.env.model
+        with exact_numerics(model.model):
+            return synthetic_gradient(model, snapshots, labels, self.grid, create_graph=False)
+
+    # worker side -------------------------------------------------------------------------------
+    def _segment_train(self):
+        """The train config with ``local_steps`` replaced by ``segment_steps`` when that is set."""
+        train = self.env.train
+        steps = self.options.segment_steps
+        if steps is None:
+            return train
+        if dataclasses.is_dataclass(train):
+            return dataclasses.replace(train, local_steps=steps)
+        train = copy.copy(train)
+        train.local_steps = steps
+        return train
+
+    def _residual(self, state: dict[str, np.ndarray]) -> torch.Tensor | None:
+        if not self.options.error_feedback or RESIDUAL not in state:
+            return None
+        residual = state[RESIDUAL]
+        expected = (self.env.model.param_numel,)
+        if residual.shape != expected or residual.dtype != np.float32:
+            raise ValueError(f"client state {RESIDUAL!r} is {residual.dtype}{list(residual.shape)}, "
+                             f"expected float32{list(expected)}")
+        return torch.from_numpy(residual).to(self.env.model.vector.device)
+
+    def client_update(self, ctx: ClientContext) -> ClientResult:
+        model = self.env.model
+        start = model.vector.clone()
+        loss, steps = local_sgd(
+            model, ctx.data, self._segment_train(), ctx.generator, client_lr(self.env.train, ctx.state),
+            self.env.autocast_dtype,
+        )
+        count_participation(ctx.state)
+        target = model.params_vector - start[: model.param_numel]
+        residual = self._residual(ctx.state)
+        if residual is not None:
+            target += residual
+        model.load_(start)
+        encoding = self.compress(target, ctx)
+        if self.options.error_feedback and encoding.residual is not None:
+            ctx.state[RESIDUAL] = encoding.residual.to("cpu", torch.float32).numpy()
+        return ClientResult(encoding.payload, {"train_loss": loss, "local_steps": float(steps), **encoding.stats})
+
+    def compress(self, target: torch.Tensor, ctx: ClientContext) -> ClientEncoding:
+        """Encode ``target`` (flat, parameters only) at the model's current weights W_t.
+
+        The scale and residual are computed from the *decoded* wire arrays, so quantisation error
+        stays in the residual instead of being silently counted as sent.
+        """
+        meta = self.header(ctx.round, ctx.client_id)
+        tau_norm = float(target.norm())
+        if not math.isfinite(tau_norm):
+            return self._rejection(meta, "update holds NaN or Inf (local training diverged)", tau_norm, None, {})
+        snapshots, labels, info = synthesize(
+            self.env.model, target, self.env.input_shape, self.options.num_snapshots, self.grid,
+            self.env.num_classes, self.options.synthesis(), ctx.generator,
+        )
+        if not (torch.isfinite(snapshots).all() and torch.isfinite(labels).all()):
+            return self._rejection(meta, "snapshot holds NaN or Inf", tau_norm, target, info)
+        arrays = self._wire_arrays(snapshots, labels)
+        direction = self._direction(*self._decode_arrays(arrays))
+        scale = least_squares_scale(direction, target)
+        if scale is None:
+            return self._rejection(meta, "synthetic gradient is zero or not finite", tau_norm, target, info)
+        residual = target - scale * direction
+        arrays["scale"] = np.array([scale], dtype=np.float32)
+        stats = {
+            "cos": abs(float(cosine(direction, target))), "cos_init": info["cos_init"], "tau_norm": tau_norm,
+            "residual_norm": float(residual.norm()), "synth_seconds": info["seconds"],
+            "synth_iters": info["iterations"], "scale": scale,
+        }
+        return ClientEncoding(Payload(meta=meta, arrays=arrays), direction, scale, residual, stats)
+
+    def _rejection(self, meta, reason: str, tau_norm: float, residual, info: dict[str, float]) -> ClientEncoding:
+        """A payload the server will refuse, sent so the round's bookkeeping sees this client.
+
+        The residual keeps all of tau (nothing was transmitted) when tau is finite; a non-finite
+        tau leaves the previous residual untouched, because storing NaN would poison every later
+        round of this client.
+        """
+        stats = {
+            "cos": float("nan"), "cos_init": info.get("cos_init", float("nan")), "tau_norm": tau_norm,
+            "residual_norm": float(residual.norm()) if residual is not None else float("nan"),
+            "synth_seconds": info.get("seconds", 0.0), "synth_iters": info.get("iterations", 0.0), "scale": 0.0,
+        }
+        payload = Payload(meta={**meta, "rejected": reason}, arrays={"scale": np.zeros(1, dtype=np.float32)})
+        return ClientEncoding(payload, None, None, residual, stats)
+
+    # server side -------------------------------------------------------------------------------
+    def server_begin(self, round: int) -> None:
+        self._round = round
+        self._sum = torch.zeros_like(self.env.model.params_vector)
+        self._total_weight = 0.0
+
+    def decode(self, client_id: int, payload: Payload) -> tuple[float, torch.Tensor]:
+        """Validate a payload against this round and config, return (s, g*) at the current W_t."""
+        context = f"client {client_id}, round {self._round}"
+        self._check_header(payload.meta, client_id, context)
+        require(payload, self._expected_arrays(), context)
+        scale = float(payload.arrays["scale"][0])
+        if not math.isfinite(scale):
+            raise ValueError(f"{context}: scale is {scale}")
+        try:
+            snapshots, labels = self._decode_arrays(payload.arrays)
+        except ValueError as exc:
+            raise ValueError(f"{context}: {exc}") from None
+        if not (torch.isfinite(snapshots).all() and torch.isfinite(labels).all()):
+            raise ValueError(f"{context}: snapshot or labels hold NaN or Inf")
+        return scale, self._direction(snapshots, labels)
+
+    def _check_header(self, meta: dict[str, Any], client_id: int, context: str) -> None:
+        expected = self.header(self._round, client_id)
+        for key, value in expected.items():
+            if meta.get(key) != value:
+                raise ValueError(f"{context}: payload {key}={meta.get(key)!r}, expected {value!r}")
+        if "rejected" in meta:
+            raise ValueError(f"{context}: the client rejected its own update: {meta['rejected']}")
+        extra = set(meta) - set(expected)
+        if extra:
+            raise ValueError(f"{context}: unexpected payload meta {sorted(extra)}")
+
+    def server_accumulate(self, client_id: int, payload: Payload, weight: float) -> dict[str, float]:
+        scale, direction = self.decode(client_id, payload)
+        update = scale * direction
+        w = weight if self.options.weighting == "samples" else 1.0
+        self._sum.add_(update, alpha=w)
+        self._total_weight += w
+        return {"decoded_norm": float(update.norm())}
+
+    def server_finish(self) -> torch.Tensor:
+        """W_t + server_lr * mean update on the parameters; float buffers (GroupNorm models have
+        none) are carried over unchanged, since a snapshot says nothing about them."""
+        model = self.env.model
+        state = model.vector.clone()
+        if self._total_weight > 0:
+            state[: model.param_numel].add_(self._sum, alpha=self.env.server_lr / self._total_weight)
+        return state
+
+
+class SFC3(OSFed):
+    """3SFC (Zhou et al., ICCV 2023): OS-Fed with factor 1, i.e. the snapshot itself is the batch."""
+
+    name = "sfc3"
+
+    @dataclass
+    class Options(OSFed.Options):
+        #: fixed: 3SFC has no multi-grid function
+        factor: int = 1
+
+        def validate(self) -> None:
+            if self.factor != 1 or self.multigrid != "uniform":
+                raise ValueError(
+                    f"algorithm.factor: sfc3 is OS-Fed without multi-grid (factor 1, uniform), got "
+                    f"factor {self.factor!r}, multigrid {self.multigrid!r}; use algorithm.name=osfed instead"
+                )
+            super().validate()

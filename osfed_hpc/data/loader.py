@@ -1,0 +1,420 @@
+"""Client data for training: batches whose order depends only on the caller's generator.
+
+The runner trains many virtual clients per MPI rank and must get the same model on 2 or 5 ranks,
+so nothing here looks at the rank, the worker count or global RNG state. A client's batches are a
+deterministic function of the ``torch.Generator`` the caller passes (seeded from
+(seed, round, client)): one ``randperm`` per pass over the client's samples and, for JPEG
+datasets, one augmentation seed per sample drawn from the same generator. The whole plan is drawn
+when ``batches`` is called, so the generator ends in the same state however far the caller
+iterates and whatever the number of DataLoader workers.
+
+Two storage forms, one interface (``ClientData``):
+* ``InMemoryImages`` (raw datasets): the rank's samples are decoded once into one normalised
+  float32 tensor on the device; a batch is one ``index_select`` on the device, no host round trip.
+* ``EncodedImages`` (JPEG datasets): a ``torch.utils.data.Dataset`` over (global index, sample seed)
+  keys feeding one DataLoader per worker count, whose persistent workers serve every client and
+  round. Workers open HDF5 themselves, lazily (see ``DatasetReader``), decode with PIL and send
+  uint8 batches; conversion to normalised float happens on the device, 4x fewer bytes to move.
+
+This module must never import mpi4py: a spawned DataLoader worker that imports it would call
+``MPI_Init``.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import DataError
+from .hdf5 import DatasetReader
+from .imaging import DECODE_ERRORS, decode_eval, decode_train, describe_error
+
+Batch = tuple[Tensor, Tensor]
+EVAL_SEED = -1  # sample seed meaning "eval transform" (resize + center crop, no randomness)
+_SEED_HIGH = 2**62
+
+
+def batch_plan(
+    generator: torch.Generator,
+    n: int,
+    batch_size: int,
+    epochs: int = 1,
+    steps: int | None = None,
+    drop_last: bool = False,
+) -> tuple[Tensor, list[tuple[int, int]]]:
+    """Draw the visiting order of ``n`` samples: (positions int64 CPU/generator device, batch slices).
+
+    One ``torch.randperm(n, generator=...)`` per pass. Without ``steps``: ``epochs`` passes. With
+    ``steps``: exactly ``steps`` batches, cycling over as many fresh passes as needed. A partial
+    last batch of a pass is dropped when ``drop_last``.
+    """
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    if epochs < 0 or (steps is not None and steps < 0):
+        raise DataError(f"epochs and steps must be >= 0, got epochs={epochs}, steps={steps}")
+    if steps is not None:
+        if steps == 0:
+            return torch.zeros(0, dtype=torch.int64), []
+        per_pass = n // batch_size if drop_last else math.ceil(n / batch_size)
+        if per_pass == 0:
+            why = "no samples" if n == 0 else f"{n} samples < batch_size {batch_size} with drop_last"
+            raise DataError(f"client has {why}: cannot produce {steps} steps")
+        passes = math.ceil(steps / per_pass)
+    else:
+        passes = epochs
+    perms = [torch.randperm(n, generator=generator, device=generator.device) for _ in range(passes)]
+    positions = torch.cat(perms) if perms else torch.zeros(0, dtype=torch.int64)
+    slices = []
+    for p in range(passes):
+        for start in range(0, n, batch_size):
+            end = min(start + batch_size, n)
+            if drop_last and end - start < batch_size:
+                break
+            slices.append((p * n + start, p * n + end))
+    return positions, slices if steps is None else slices[:steps]
+
+
+def _norm_constants(reader: DatasetReader, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(scale, shift) with x_norm = uint8 * scale + shift, i.e. (x / 255 - mean) / std."""
+    mean = torch.tensor(reader.mean, dtype=torch.float32)
+    std = torch.tensor(reader.std, dtype=torch.float32)
+    scale = (1.0 / (255.0 * std)).view(-1, 1, 1).to(device)
+    shift = (-mean / std).view(-1, 1, 1).to(device)
+    return scale, shift
+
+
+def _check_subset(known: np.ndarray, wanted: Any, what: str) -> np.ndarray:
+    """Positions of ``wanted`` global indices inside sorted ``known``; DataError if one is absent."""
+    wanted = np.asarray(wanted, dtype=np.int64)
+    if wanted.ndim != 1:
+        raise DataError(f"{what}: client indices must be 1-D, got shape {wanted.shape}")
+    pos = np.searchsorted(known, wanted)
+    pos_clipped = np.minimum(pos, max(len(known) - 1, 0))
+    missing = np.flatnonzero((pos >= len(known)) | (known[pos_clipped] != wanted)) if len(known) else np.arange(len(wanted))
+    if missing.size:
+        raise DataError(
+            f"{what}: sample {int(wanted[missing[0]])} is not among the samples loaded here "
+            "(build the data with the union of this rank's client indices)"
+        )
+    return pos
+
+
+class ClientData(abc.ABC):
+    """One client's samples, as batches on the training device."""
+
+    num_samples: int
+
+    @abc.abstractmethod
+    def batches(
+        self,
+        generator: torch.Generator,
+        batch_size: int,
+        epochs: int = 1,
+        steps: int | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[Batch]:
+        """Yield ``(x float32 [b, C, H, W] normalised, y int64 [b])`` on the device.
+
+        The plan (permutations, augmentation seeds) is drawn from ``generator`` when this is
+        called; iterating is then deterministic.
+        """
+
+    @abc.abstractmethod
+    def full_batch(self) -> Batch:
+        """All samples in index order (no augmentation)."""
+
+
+# -- raw datasets: everything on the device ----------------------------------------------------
+class InMemoryImages:
+    """The samples of ``indices`` (a rank's clients' union) as one normalised tensor on ``device``.
+
+    Conversion happens once, in chunks, on the device: uint8 -> float -> optional bilinear
+    antialiased resize to ``resolution`` -> normalise. Clients are views by row index.
+    """
+
+    def __init__(
+        self,
+        reader: DatasetReader,
+        split: str,
+        indices: np.ndarray | None,
+        device: torch.device | str,
+        resolution: int | None = None,
+        batch_size: int = 256,
+        chunk: int = 2048,
+    ) -> None:
+        if reader.encoding != "raw":
+            raise DataError(f"{reader.path}: InMemoryImages needs a raw dataset, this one is '{reader.encoding}'")
+        self.reader, self.split, self.device = reader, split, torch.device(device)
+        self.batch_size = batch_size
+        n_split = reader.count(split)
+        self.indices = np.arange(n_split, dtype=np.int64) if indices is None else np.unique(np.asarray(indices, dtype=np.int64))
+        c, h, w = reader.image_shape  # type: ignore[misc]
+        size = (h, w) if resolution is None else (int(resolution), int(resolution))
+        scale, shift = _norm_constants(reader, self.device)
+        raw = reader.read_raw(split, self.indices)
+        self.images = torch.empty((len(raw), c, *size), dtype=torch.float32, device=self.device)
+        for start in range(0, len(raw), chunk):
+            block = torch.from_numpy(raw[start : start + chunk]).to(self.device).permute(0, 3, 1, 2).float()
+            if size != (h, w):
+                block = F.interpolate(block, size=size, mode="bilinear", antialias=True, align_corners=False)
+            self.images[start : start + chunk] = block * scale + shift
+        self.labels = torch.from_numpy(reader.labels(split)[self.indices]).to(self.device)
+        self.image_size = size
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.indices)
+
+    def client(self, global_indices: np.ndarray, num_workers: int | None = None) -> InMemoryClient:
+        """The samples of one client (``num_workers`` is ignored: nothing to decode)."""
+        pos = _check_subset(self.indices, global_indices, f"{self.reader.path} split '{self.split}'")
+        return InMemoryClient(self, torch.from_numpy(pos).to(self.device))
+
+    def eval_batches(self, batch_size: int | None = None) -> Iterator[Batch]:
+        """All loaded samples in index order."""
+        bs = batch_size or self.batch_size
+        for start in range(0, self.num_samples, bs):
+            yield self.images[start : start + bs], self.labels[start : start + bs]
+
+
+class InMemoryClient(ClientData):
+    def __init__(self, parent: InMemoryImages, rows: Tensor) -> None:
+        self._parent, self._rows = parent, rows
+        self.num_samples = len(rows)
+
+    def batches(self, generator: torch.Generator, batch_size: int, epochs: int = 1,
+                steps: int | None = None, drop_last: bool = False) -> Iterator[Batch]:
+        positions, slices = batch_plan(generator, self.num_samples, batch_size, epochs, steps, drop_last)
+        order = self._rows[positions.to(self._rows.device)] if len(positions) else positions
+        images, labels = self._parent.images, self._parent.labels
+
+        def iterate() -> Iterator[Batch]:
+            for start, end in slices:
+                rows = order[start:end]
+                yield images.index_select(0, rows), labels.index_select(0, rows)
+
+        return iterate()
+
+    def full_batch(self) -> Batch:
+        return self._parent.images.index_select(0, self._rows), self._parent.labels.index_select(0, self._rows)
+
+
+# -- JPEG datasets: decode in DataLoader workers -----------------------------------------------
+class EncodedSamples(Dataset):
+    """Map-style dataset over keys ``(global index, sample seed)`` of one split.
+
+    ``seed >= 0``: training transform (RandomResizedCrop + flip) driven by
+    ``np.random.default_rng(seed)``; ``seed == EVAL_SEED``: resize + center crop. Returns
+    ``(uint8 [3, r, r], label)``. HDF5 is opened inside the worker on first use.
+    """
+
+    def __init__(self, reader: DatasetReader, split: str, resolution: int) -> None:
+        self.reader, self.split, self.resolution = reader, split, int(resolution)
+        self.labels = reader.labels(split)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, int]:
+        index, seed = int(key[0]), int(key[1])
+        data = self.reader.read_encoded(self.split, index)
+        try:
+            if seed == EVAL_SEED:
+                image = decode_eval(data, self.resolution)
+            else:
+                image = decode_train(data, self.resolution, np.random.default_rng(seed))
+        except DECODE_ERRORS as exc:
+            shard, local = self.reader.locate(self.split, index)
+            raise DataError(
+                f"{shard}: image {local} (global index {index} of split '{self.split}') "
+                f"is not a decodable JPEG: {describe_error(exc)}"
+            ) from None
+        return image, int(self.labels[index])
+
+
+def collate_uint8(samples: Sequence[tuple[np.ndarray, int]]) -> tuple[Tensor, Tensor]:
+    """Stack in the worker: one shared-memory uint8 tensor per batch crosses the process boundary."""
+    images = torch.from_numpy(np.stack([s[0] for s in samples]))
+    labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+    return images, labels
+
+
+class _PlanSampler:
+    """A batch sampler whose batches are set before each iteration (lets workers persist)."""
+
+    def __init__(self) -> None:
+        self.plan: list[list[tuple[int, int]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(self.plan)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+
+class EncodedImages:
+    """JPEG samples of one split, decoded and resized at load time, for any number of clients.
+
+    One DataLoader per worker count is created on first use and kept (persistent workers), so a
+    rank pays worker start-up once, not per client or round. Iterate one client at a time: a new
+    ``batches``/``eval_batches`` iteration invalidates the previous one (an error, not a mix-up).
+
+    ``mp_context`` is the DataLoader's start method (default: the platform's, fork on Linux).
+    With ``spawn``/``forkserver`` the workers import this package afresh, which is safe only if
+    nothing on that import path imports mpi4py.
+    """
+
+    def __init__(
+        self,
+        reader: DatasetReader,
+        split: str,
+        device: torch.device | str,
+        resolution: int,
+        num_workers: int = 0,
+        indices: np.ndarray | None = None,
+        batch_size: int = 256,
+        mp_context: str | None = None,
+        prefetch_factor: int = 2,
+    ) -> None:
+        if reader.encoding != "jpeg":
+            raise DataError(f"{reader.path}: EncodedImages needs a jpeg dataset, this one is '{reader.encoding}'")
+        if resolution is None or int(resolution) < 1:
+            raise DataError(f"{reader.path}: a JPEG dataset needs a positive resolution, got {resolution!r}")
+        self.reader, self.split, self.device = reader, split, torch.device(device)
+        self.resolution, self.num_workers, self.batch_size = int(resolution), num_workers, batch_size
+        n_split = reader.count(split)
+        self.indices = np.arange(n_split, dtype=np.int64) if indices is None else np.unique(np.asarray(indices, dtype=np.int64))
+        self.dataset = EncodedSamples(reader, split, self.resolution)
+        self._labels = reader.labels(split)
+        self._mp_context, self._prefetch = mp_context, prefetch_factor
+        self._scale, self._shift = _norm_constants(reader, self.device)
+        self._loaders: dict[int, tuple[DataLoader, _PlanSampler]] = {}
+        self._token = 0
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.indices)
+
+    def client(self, global_indices: np.ndarray, num_workers: int | None = None) -> EncodedClient:
+        """One client's samples; batches are decoded by ``num_workers`` workers (default: ours)."""
+        _check_subset(self.indices, global_indices, f"{self.reader.path} split '{self.split}'")
+        workers = self.num_workers if num_workers is None else num_workers
+        return EncodedClient(self, np.asarray(global_indices, dtype=np.int64), workers)
+
+    def eval_batches(self, batch_size: int | None = None) -> Iterator[Batch]:
+        """Every sample in index order with the eval transform."""
+        bs = batch_size or self.batch_size
+        plan = [[(int(i), EVAL_SEED) for i in self.indices[s : s + bs]] for s in range(0, self.num_samples, bs)]
+        return self.run_plan(plan, self.num_workers)
+
+    def run_plan(self, plan: list[list[tuple[int, int]]], num_workers: int) -> Iterator[Batch]:
+        """Decode the batches of ``plan`` (lists of keys) in order and yield them on the device."""
+        self._token += 1
+        token = self._token
+        loader, sampler = self._loader(num_workers)
+        device, scale, shift = self.device, self._scale, self._shift
+
+        def iterate() -> Iterator[Batch]:
+            if self._token != token:
+                raise RuntimeError("EncodedImages: a newer batches() iteration was started before this one ran")
+            sampler.plan = plan
+            for images, labels in loader:
+                if self._token != token:
+                    raise RuntimeError(
+                        "EncodedImages: two iterations interleaved on one loader; iterate one client at a time"
+                    )
+                x = images.to(device, non_blocking=True).float().mul_(scale).add_(shift)
+                yield x, labels.to(device, non_blocking=True)
+
+        return iterate()
+
+    def _loader(self, num_workers: int) -> tuple[DataLoader, _PlanSampler]:
+        if num_workers not in self._loaders:
+            sampler = _PlanSampler()
+            extra: dict[str, Any] = {}
+            if num_workers > 0:
+                extra = {"persistent_workers": True, "prefetch_factor": self._prefetch,
+                         "multiprocessing_context": self._mp_context}
+            loader = DataLoader(
+                self.dataset,
+                batch_sampler=sampler,
+                num_workers=num_workers,
+                collate_fn=collate_uint8,
+                pin_memory=self.device.type == "cuda",
+                **extra,
+            )
+            self._loaders[num_workers] = (loader, sampler)
+        return self._loaders[num_workers]
+
+    def close(self) -> None:
+        """Stop the persistent workers (they also stop when this object is garbage collected)."""
+        for loader, _ in self._loaders.values():
+            iterator = getattr(loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+        self._loaders.clear()
+
+
+class EncodedClient(ClientData):
+    def __init__(self, parent: EncodedImages, indices: np.ndarray, num_workers: int) -> None:
+        self._parent, self._indices, self._workers = parent, indices, num_workers
+        self.num_samples = len(indices)
+
+    def batches(self, generator: torch.Generator, batch_size: int, epochs: int = 1,
+                steps: int | None = None, drop_last: bool = False) -> Iterator[Batch]:
+        positions, slices = batch_plan(generator, self.num_samples, batch_size, epochs, steps, drop_last)
+        seeds = torch.randint(0, _SEED_HIGH, (len(positions),), generator=generator, device=generator.device)
+        keys = list(zip(self._indices[positions.cpu().numpy()].tolist(), seeds.cpu().tolist()))
+        plan = [keys[start:end] for start, end in slices]
+        return self._parent.run_plan(plan, self._workers)
+
+    def full_batch(self) -> Batch:
+        plan = [[(int(i), EVAL_SEED) for i in self._indices]] if self.num_samples else []
+        batches = list(self._parent.run_plan(plan, self._workers))
+        if not batches:
+            c, r = 3, self._parent.resolution
+            return (torch.zeros((0, c, r, r), device=self._parent.device),
+                    torch.zeros(0, dtype=torch.int64, device=self._parent.device))
+        return batches[0]
+
+
+# -- entry points used by the runner -----------------------------------------------------------
+def build_train_data(
+    reader: DatasetReader,
+    indices_union: np.ndarray,
+    device: torch.device | str,
+    resolution: int | None,
+    num_workers: int,
+    *,
+    mp_context: str | None = None,
+) -> InMemoryImages | EncodedImages:
+    """Train data for one rank: ``indices_union`` = all samples of the clients it hosts."""
+    if reader.encoding == "raw":
+        return InMemoryImages(reader, "train", indices_union, device, resolution)
+    return EncodedImages(reader, "train", device, resolution, num_workers,  # type: ignore[arg-type]
+                         indices=indices_union, mp_context=mp_context)
+
+
+def build_eval_data(
+    reader: DatasetReader,
+    device: torch.device | str,
+    resolution: int | None,
+    batch_size: int,
+    num_workers: int,
+    *,
+    split: str = "test",
+    mp_context: str | None = None,
+) -> InMemoryImages | EncodedImages:
+    """The evaluation split, iterated in order by ``eval_batches(batch_size)``."""
+    if reader.encoding == "raw":
+        return InMemoryImages(reader, split, None, device, resolution, batch_size=batch_size)
+    return EncodedImages(reader, split, device, resolution, num_workers,  # type: ignore[arg-type]
+                         batch_size=batch_size, mp_context=mp_context)
