@@ -259,6 +259,17 @@ def test_least_squares_scale_of_zero_direction_is_none():
     assert least_squares_scale(torch.tensor([1.0, 0.0]), torch.tensor([3.0, 5.0])) == 3.0
 
 
+def test_zero_direction_is_rejected_and_residual_keeps_tau(monkeypatch):
+    import osfed_hpc.algorithms.osfed as osfed_module
+
+    env = make_env()
+    tau = true_update(env, make_data(5))
+    monkeypatch.setattr(osfed_module, "synthetic_gradient", lambda model, *args, **kwargs: torch.zeros_like(tau))
+    encoding = OSFed(OSFed.Options(**FAST), env).compress(tau, make_ctx(make_data(5)))
+    assert "rejected" in encoding.payload.meta and set(encoding.payload.arrays) == {"scale"}
+    assert encoding.scale is None and torch.equal(encoding.residual, tau)
+
+
 def test_non_finite_update_is_rejected_and_residual_kept():
     env, server_env = make_env(), make_env()
     data = make_data(5)

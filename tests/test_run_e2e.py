@@ -165,3 +165,50 @@ def test_damaged_checkpoint_is_refused(digits_dir, tmp_path):
     assert "damaged" in result.stderr
     changed = osfed("run", "--resume", str(out), "rounds=2", "train.lr=0.5")
     assert changed.returncode == 2 and "train.lr" in changed.stderr
+
+
+def _rank_pid(marker: str, rank: int) -> int | None:
+    """PID of the rank-``rank`` process whose command line contains ``marker``."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in cmdline and "osfed_hpc" in cmdline and f"PMI_RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+def test_sigkill_of_a_worker_ends_the_job_and_leaves_a_resumable_run(digits_dir, tmp_path):
+    out, full = tmp_path / "killed", tmp_path / "full"
+    rounds = 12
+    args = small_run_overrides(digits_dir, out, rounds=rounds) + ["runtime.checkpoint_every=1"]
+    process = subprocess.Popen([MPIRUN, "-n", "3", PY, "-m", "osfed_hpc", "run", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.1)
+    pid = _rank_pid(str(out), 2)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    try:
+        process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("mpirun did not end within 30 s of a worker's SIGKILL")
+    assert process.returncode != 0
+    assert time.monotonic() - killed_at < 30
+    lines = metrics.read_text().splitlines()
+    assert all(json.loads(line)["round"] == i + 1 for i, line in enumerate(lines))  # intact, in order
+    assert sorted(out.glob("checkpoints/round-*/manifest.json"))
+    if (out / "summary.json").exists():
+        pytest.skip("the run finished before the kill landed")
+    resumed = osfed("run", "--resume", str(out), np=3)
+    assert resumed.returncode == 0, resumed.stderr
+    assert osfed("run", *small_run_overrides(digits_dir, full, rounds=rounds), np=3).returncode == 0
+    assert summary(out)["model_sha256"] == summary(full)["model_sha256"]

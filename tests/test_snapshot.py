@@ -312,3 +312,19 @@ def test_damaged_coded_snapshots_raise_value_error():
 def test_quantising_non_finite_snapshot_raises():
     with pytest.raises(ValueError, match="NaN"):
         encode_snapshots(torch.tensor([[[[float("nan")]]]]), "png")
+
+
+def test_vit_synthesis_runs_on_the_math_attention_backend():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    net = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
+                            num_classes=5)
+    model = FlatModel(net)
+    s, y = torch.randn(1, 3, 16, 16, requires_grad=True), torch.randn(4, 5, requires_grad=True)
+    net.eval()
+    with pytest.raises(RuntimeError, match="not implemented"):  # fused attention has no double backward
+        torch.autograd.grad(synthetic_gradient(model, s, y, 2, create_graph=True).sum(), [s])
+    target = torch.randn(model.param_numel, generator=torch.Generator().manual_seed(0))
+    s, y, info = synthesize(model, target, (3, 16, 16), 1, 2, 5, SynthesisConfig(outer_steps=1, lbfgs_max_iter=3),
+                            torch.Generator().manual_seed(0))
+    assert info["iterations"] == 3 and torch.isfinite(s).all() and info["cos"] >= info["cos_init"]

@@ -332,7 +332,9 @@ class DatasetReader:
     def _check_indices(self, split: str, indices: Any) -> np.ndarray:
         idx = np.asarray(indices)
         if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
-            raise DataError(f"{self._path}: indices for split '{split}' must be a 1-D integer array, got {idx.dtype} {idx.shape}")
+            raise DataError(
+                f"{self._path}: indices for split '{split}' must be a 1-D integer array, got {idx.dtype} {idx.shape}"
+            )
         idx = idx.astype(np.int64, copy=False)
         n = self.count(split)
         bad = np.flatnonzero((idx < 0) | (idx >= n))
@@ -406,7 +408,8 @@ class DatasetReader:
         if labels.dtype.kind not in "iu":
             raise DataError(f"{path}: dataset 'labels' has dtype {labels.dtype}, expected an integer type")
         if images.shape[0:1] != (n,):
-            raise DataError(f"{path}: dataset 'images' has {images.shape[0] if images.ndim else 0} samples, expected {n} as in the manifest")
+            found = images.shape[0] if images.ndim else 0
+            raise DataError(f"{path}: dataset 'images' has {found} samples, expected {n} as in the manifest")
         if "names" in f and f["names"].shape != (n,):
             raise DataError(f"{path}: dataset 'names' has shape {f['names'].shape}, expected ({n},)")
         if self.encoding == "raw":
@@ -414,10 +417,15 @@ class DatasetReader:
             if images.dtype != np.uint8:
                 raise DataError(f"{path}: dataset 'images' has dtype {images.dtype}, expected uint8")
             if images.shape != (n, h, w, c):
-                raise DataError(f"{path}: dataset 'images' has shape {images.shape}, expected {(n, h, w, c)} [n, H, W, C]")
+                raise DataError(
+                    f"{path}: dataset 'images' has shape {images.shape}, expected {(n, h, w, c)} [n, H, W, C]"
+                )
         else:
             if images.ndim != 1 or h5py.check_vlen_dtype(images.dtype) != np.uint8:
-                raise DataError(f"{path}: dataset 'images' should be 1-D variable-length uint8 (encoded JPEG), found {images.dtype} {images.shape}")
+                raise DataError(
+                    f"{path}: dataset 'images' should be 1-D variable-length uint8 (encoded JPEG), "
+                    f"found {images.dtype} {images.shape}"
+                )
         attr_split = f.attrs.get("split")
         if attr_split is not None and str(attr_split) != split:
             raise DataError(f"{path}: shard attribute split={attr_split!r}, expected '{split}'")

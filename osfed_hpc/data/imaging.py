@@ -138,9 +138,8 @@ def center_crop_box(width: int, height: int, resolution: int) -> tuple[float, fl
     return (width - side) / 2, (height - side) / 2, side, side
 
 
-def _decode_box(data: bytes, box: tuple[float, float, float, float], resolution: int) -> Image.Image:
-    """Decode ``data`` (at reduced scale if the box allows) and resize ``box`` to resolution^2."""
-    img = Image.open(io.BytesIO(data))
+def _decode_box(img: Image.Image, box: tuple[float, float, float, float], resolution: int) -> Image.Image:
+    """Decode the opened ``img`` (at reduced scale if the box allows) and resize ``box`` to r x r."""
     width, height = img.size
     left, top, w, h = box
     if img.format == "JPEG":
@@ -159,10 +158,10 @@ def image_size(data: bytes) -> tuple[int, int]:
 
 def decode_train(data: bytes, resolution: int, rng: np.random.Generator) -> np.ndarray:
     """RandomResizedCrop(resolution, scale=(0.08, 1)) + horizontal flip -> ``uint8 [3, r, r]``."""
-    width, height = image_size(data)
-    box = random_resized_crop_box(width, height, rng)
+    img = Image.open(io.BytesIO(data))  # parses the header only: the size is known before decoding
+    box = random_resized_crop_box(*img.size, rng)
     flip = rng.random() < 0.5
-    arr = np.asarray(_decode_box(data, box, resolution))
+    arr = np.asarray(_decode_box(img, box, resolution))
     if flip:
         arr = arr[:, ::-1]
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
@@ -170,6 +169,6 @@ def decode_train(data: bytes, resolution: int, rng: np.random.Generator) -> np.n
 
 def decode_eval(data: bytes, resolution: int) -> np.ndarray:
     """Resize shorter side to round(resolution / 0.875) + center crop -> ``uint8 [3, r, r]``."""
-    width, height = image_size(data)
-    arr = np.asarray(_decode_box(data, center_crop_box(width, height, resolution), resolution))
+    img = Image.open(io.BytesIO(data))
+    arr = np.asarray(_decode_box(img, center_crop_box(*img.size, resolution), resolution))
     return np.ascontiguousarray(arr.transpose(2, 0, 1))

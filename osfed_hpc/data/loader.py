@@ -91,14 +91,23 @@ def _norm_constants(reader: DatasetReader, device: torch.device) -> tuple[Tensor
     return scale, shift
 
 
+def _union(reader: DatasetReader, split: str, indices: np.ndarray | None) -> np.ndarray:
+    """Sorted unique global indices to serve (None: the whole split)."""
+    if indices is None:
+        return np.arange(reader.count(split), dtype=np.int64)
+    return np.unique(np.asarray(indices, dtype=np.int64))
+
+
 def _check_subset(known: np.ndarray, wanted: Any, what: str) -> np.ndarray:
     """Positions of ``wanted`` global indices inside sorted ``known``; DataError if one is absent."""
     wanted = np.asarray(wanted, dtype=np.int64)
     if wanted.ndim != 1:
         raise DataError(f"{what}: client indices must be 1-D, got shape {wanted.shape}")
     pos = np.searchsorted(known, wanted)
-    pos_clipped = np.minimum(pos, max(len(known) - 1, 0))
-    missing = np.flatnonzero((pos >= len(known)) | (known[pos_clipped] != wanted)) if len(known) else np.arange(len(wanted))
+    if len(known):
+        missing = np.flatnonzero((pos >= len(known)) | (known[np.minimum(pos, len(known) - 1)] != wanted))
+    else:
+        missing = np.arange(len(wanted))
     if missing.size:
         raise DataError(
             f"{what}: sample {int(wanted[missing[0]])} is not among the samples loaded here "
@@ -154,8 +163,7 @@ class InMemoryImages:
             raise DataError(f"{reader.path}: InMemoryImages needs a raw dataset, this one is '{reader.encoding}'")
         self.reader, self.split, self.device = reader, split, torch.device(device)
         self.batch_size = batch_size
-        n_split = reader.count(split)
-        self.indices = np.arange(n_split, dtype=np.int64) if indices is None else np.unique(np.asarray(indices, dtype=np.int64))
+        self.indices = _union(reader, split, indices)
         c, h, w = reader.image_shape  # type: ignore[misc]
         size = (h, w) if resolution is None else (int(resolution), int(resolution))
         scale, shift = _norm_constants(reader, self.device)
@@ -179,7 +187,7 @@ class InMemoryImages:
         return InMemoryClient(self, torch.from_numpy(pos).to(self.device))
 
     def eval_batches(self, batch_size: int | None = None) -> Iterator[Batch]:
-        """All loaded samples in index order."""
+        """All loaded samples in index order (views of the stored tensor: do not modify in place)."""
         bs = batch_size or self.batch_size
         for start in range(0, self.num_samples, bs):
             yield self.images[start : start + bs], self.labels[start : start + bs]
@@ -263,9 +271,9 @@ class _PlanSampler:
 class EncodedImages:
     """JPEG samples of one split, decoded and resized at load time, for any number of clients.
 
-    One DataLoader per worker count is created on first use and kept (persistent workers), so a
-    rank pays worker start-up once, not per client or round. Iterate one client at a time: a new
-    ``batches``/``eval_batches`` iteration invalidates the previous one (an error, not a mix-up).
+    DataLoaders (per worker count) are created on first use and kept with their persistent
+    workers, so a rank pays worker start-up once, not per client or round. Iterations may
+    interleave (e.g. ``full_batch`` inside a ``batches`` loop): a second loader is then made.
 
     ``mp_context`` is the DataLoader's start method (default: the platform's, fork on Linux).
     With ``spawn``/``forkserver`` the workers import this package afresh, which is safe only if
@@ -290,14 +298,11 @@ class EncodedImages:
             raise DataError(f"{reader.path}: a JPEG dataset needs a positive resolution, got {resolution!r}")
         self.reader, self.split, self.device = reader, split, torch.device(device)
         self.resolution, self.num_workers, self.batch_size = int(resolution), num_workers, batch_size
-        n_split = reader.count(split)
-        self.indices = np.arange(n_split, dtype=np.int64) if indices is None else np.unique(np.asarray(indices, dtype=np.int64))
+        self.indices = _union(reader, split, indices)
         self.dataset = EncodedSamples(reader, split, self.resolution)
-        self._labels = reader.labels(split)
         self._mp_context, self._prefetch = mp_context, prefetch_factor
         self._scale, self._shift = _norm_constants(reader, self.device)
-        self._loaders: dict[int, tuple[DataLoader, _PlanSampler]] = {}
-        self._token = 0
+        self._idle: dict[int, list[tuple[DataLoader, _PlanSampler]]] = {}
 
     @property
     def num_samples(self) -> int:
@@ -316,51 +321,54 @@ class EncodedImages:
         return self.run_plan(plan, self.num_workers)
 
     def run_plan(self, plan: list[list[tuple[int, int]]], num_workers: int) -> Iterator[Batch]:
-        """Decode the batches of ``plan`` (lists of keys) in order and yield them on the device."""
-        self._token += 1
-        token = self._token
-        loader, sampler = self._loader(num_workers)
+        """Decode the batches of ``plan`` (lists of keys) in order and yield them on the device.
+
+        Each iteration borrows an idle DataLoader for ``num_workers`` (creating one only when all
+        are busy, i.e. when iterations interleave) and returns it when finished or dropped.
+        """
         device, scale, shift = self.device, self._scale, self._shift
 
         def iterate() -> Iterator[Batch]:
-            if self._token != token:
-                raise RuntimeError("EncodedImages: a newer batches() iteration was started before this one ran")
-            sampler.plan = plan
-            for images, labels in loader:
-                if self._token != token:
-                    raise RuntimeError(
-                        "EncodedImages: two iterations interleaved on one loader; iterate one client at a time"
-                    )
-                x = images.to(device, non_blocking=True).float().mul_(scale).add_(shift)
-                yield x, labels.to(device, non_blocking=True)
+            loader, sampler = self._acquire(num_workers)
+            try:
+                if num_workers > 0:
+                    self.reader.close()  # workers may start now: let none inherit an open HDF5 file
+                sampler.plan = plan  # read once, by iter(loader) below
+                for images, labels in loader:
+                    x = images.to(device, non_blocking=True).float().mul_(scale).add_(shift)
+                    yield x, labels.to(device, non_blocking=True)
+            finally:
+                self._idle.setdefault(num_workers, []).append((loader, sampler))
 
         return iterate()
 
-    def _loader(self, num_workers: int) -> tuple[DataLoader, _PlanSampler]:
-        if num_workers not in self._loaders:
-            sampler = _PlanSampler()
-            extra: dict[str, Any] = {}
-            if num_workers > 0:
-                extra = {"persistent_workers": True, "prefetch_factor": self._prefetch,
-                         "multiprocessing_context": self._mp_context}
-            loader = DataLoader(
-                self.dataset,
-                batch_sampler=sampler,
-                num_workers=num_workers,
-                collate_fn=collate_uint8,
-                pin_memory=self.device.type == "cuda",
-                **extra,
-            )
-            self._loaders[num_workers] = (loader, sampler)
-        return self._loaders[num_workers]
+    def _acquire(self, num_workers: int) -> tuple[DataLoader, _PlanSampler]:
+        idle = self._idle.setdefault(num_workers, [])
+        if idle:
+            return idle.pop()
+        sampler = _PlanSampler()
+        extra: dict[str, Any] = {}
+        if num_workers > 0:
+            extra = {"persistent_workers": True, "prefetch_factor": self._prefetch,
+                     "multiprocessing_context": self._mp_context}
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=num_workers,
+            collate_fn=collate_uint8,
+            pin_memory=self.device.type == "cuda",
+            **extra,
+        )
+        return loader, sampler
 
     def close(self) -> None:
-        """Stop the persistent workers (they also stop when this object is garbage collected)."""
-        for loader, _ in self._loaders.values():
-            iterator = getattr(loader, "_iterator", None)
-            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-                iterator._shutdown_workers()
-        self._loaders.clear()
+        """Stop the idle loaders' persistent workers (they also stop on garbage collection)."""
+        for loaders in self._idle.values():
+            for loader, _ in loaders:
+                iterator = getattr(loader, "_iterator", None)
+                if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                    iterator._shutdown_workers()
+        self._idle.clear()
 
 
 class EncodedClient(ClientData):

@@ -279,9 +279,13 @@ def load_partition(path: str | Path, reader: DatasetReader) -> Partition:
         raise DataError(f"{path}: partition file does not exist")
     indices, offsets, meta = _read_npz(path)
     if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != len(indices) or np.any(np.diff(offsets) < 0):
-        raise DataError(f"{path}: offsets must start at 0, never decrease and end at {len(indices)} (the number of indices)")
+        raise DataError(
+            f"{path}: offsets must start at 0, never decrease and end at {len(indices)} (the number of indices)"
+        )
     if meta.get("num_clients") != len(offsets) - 1:
-        raise DataError(f"{path}: meta num_clients={meta.get('num_clients')} but offsets describe {len(offsets) - 1} clients")
+        raise DataError(
+            f"{path}: meta num_clients={meta.get('num_clients')} but offsets describe {len(offsets) - 1} clients"
+        )
     n_train = reader.count("train")
     if meta.get("dataset_fingerprint") != reader.fingerprint or meta.get("num_train") != n_train:
         raise DataError(

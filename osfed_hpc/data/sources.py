@@ -145,6 +145,12 @@ def scan_imagefolder(root: str | Path, test_fraction: float, seed: int) -> Folde
         raise DataError(f"{root}: image folder does not exist or is not a directory")
     train_dir, val_dir = root / "train", root / "val"
     has_val = train_dir.is_dir() and val_dir.is_dir()
+    if train_dir.is_dir() != val_dir.is_dir():
+        present, absent = ("train", "val") if train_dir.is_dir() else ("val", "train")
+        raise DataError(
+            f"{root}: has {present}/ but no {absent}/; expected both (ImageNet layout) "
+            "or a plain tree of class folders"
+        )
     top = train_dir if has_val else root
     classes = _class_dirs(top)
     if not classes:

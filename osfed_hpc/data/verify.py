@@ -87,7 +87,9 @@ def _decode_sample(reader: DatasetReader, split: str, chosen: np.ndarray) -> dic
                 img.load()
             except DECODE_ERRORS as exc:
                 shard, local = reader.locate(split, int(k))
-                raise DataError(f"{shard}: image {local} (global {int(k)} of '{split}') does not decode: {exc}") from None
+                raise DataError(
+                    f"{shard}: image {local} (global {int(k)} of '{split}') does not decode: {exc}"
+                ) from None
             widths.append(img.size[0])
             heights.append(img.size[1])
     if not widths:

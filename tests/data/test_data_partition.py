@@ -9,6 +9,8 @@ import zipfile
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from osfed_hpc.data import (
     DataError,
@@ -101,7 +103,8 @@ def test_iid_too_many_clients(reader):
 
 
 def test_default_path(tmp_path):
-    assert Partition.default_path(tmp_path, "dirichlet", 60, 0.01, 0) == tmp_path / "partitions" / "dirichlet-n60-a0.01-s0.npz"
+    expected = tmp_path / "partitions" / "dirichlet-n60-a0.01-s0.npz"
+    assert Partition.default_path(tmp_path, "dirichlet", 60, 0.01, 0) == expected
     assert Partition.default_path(tmp_path, "dirichlet", 20, 0.5, 2).name == "dirichlet-n20-a0.5-s2.npz"
     assert Partition.default_path(tmp_path, "iid", 8, 0.5, 1).name == "iid-n8-s1.npz"
 
@@ -170,3 +173,19 @@ def test_partition_of_other_dataset(reader, digits_data, tmp_path):
     with pytest.raises(DataError, match="was made for another dataset"):
         load_partition(path, reader)
     os.remove(path)
+
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(0, 300),
+    classes=st.integers(1, 12),
+    clients=st.integers(1, 20),
+    alpha=st.floats(0.001, 100.0),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_dirichlet_is_always_a_disjoint_cover(n, classes, clients, alpha, seed):
+    labels = np.random.default_rng(seed).integers(0, classes, n)
+    parts = dirichlet_partition(labels, clients, alpha, seed)
+    assert len(parts) == clients
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(n))

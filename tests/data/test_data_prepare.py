@@ -218,6 +218,12 @@ def test_flat_val_folder_is_explained(tmp_path):
         prepare_dataset("imagefolder", tmp_path / "o", root=root, workers=1, progress=False)
 
 
+def test_train_without_val_is_refused(tmp_path):
+    write_tree(tmp_path / "inet" / "train", per_class=1, seed=0, specials=False)
+    with pytest.raises(DataError, match="has train/ but no val/"):
+        prepare_dataset("imagefolder", tmp_path / "o", root=tmp_path / "inet", workers=1, progress=False)
+
+
 def test_progress_line_goes_to_stderr(tmp_path, flat_tree, capsys):
     prepare_dataset("imagefolder", tmp_path / "p", root=flat_tree, max_side=32, workers=1, progress=True)
     err = capsys.readouterr().err

@@ -51,6 +51,13 @@ def test_read_raw_order_repeats_and_across_shards(tmp_path):
         reader.count("val")
 
 
+def test_read_raw_sparse_selection(mnist_dir):
+    reader = DatasetReader(mnist_dir)
+    everything = reader.read_raw("train")
+    few = np.array([3999, 17, 2048, 17])  # few rows of a large shard: read row by row
+    assert np.array_equal(reader.read_raw("train", few), everything[few])
+
+
 def test_reader_reopens_after_fork_and_pickles_without_handles(mnist_dir):
     reader = DatasetReader(mnist_dir)
     first = reader.read_raw("test", [0, 1])

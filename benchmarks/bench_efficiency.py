@@ -1,0 +1,283 @@
+"""Runner efficiency over whole runs under ``mpirun -n P``: how much of the workers' time is client work?
+
+    efficiency = (sum of client-update seconds) / ((P - 1) x sum of round wall seconds)
+
+both read from the run's own ``metrics.jsonl`` (``client_stats.seconds`` and ``seconds.round``,
+the final evaluation subtracted), so the ratio compares two things measured in the same run. 1.0
+means every worker computed for the whole of every round; what is missing went to broadcast,
+exchange, aggregation, logging, or to a worker waiting for a slower one (imbalance).
+
+Cases (FedAvg, ``cnn``, MNIST-5k, 10 clients, one local epoch, one torch thread per rank):
+
+* **iid**: balanced clients (400 samples each);
+* **dirichlet 0.01**: client sizes differ by orders of magnitude. The run uses the runner's
+  size-aware placement (``comm.assign_clients``: longest first). For **round-robin** placement the
+  package has no switch, so the round is *re-binned*: the measured per-client seconds are summed
+  per rank under round-robin placement (client c -> worker c mod (P-1)), the slowest rank's sum
+  replaces the measured slowest rank's sum, everything else in the round is kept. Client seconds
+  were measured with both workers busy, so the estimate slightly favours round-robin.
+* **polite polling vs busy wait**: the same runs with ``OSFED_BLOCKING_WAIT=1`` (every MPI wait a
+  plain ``Wait()``, which spins a core) alternated with the default (nonblocking request + 0.2 ms
+  sleeps). With 3 ranks on 2 cores the waiting rank competes with the workers for a core.
+
+    .venv/bin/python benchmarks/bench_efficiency.py            # 10 rounds, 2 pairs per case
+    .venv/bin/python benchmarks/bench_efficiency.py --quick    # 3 rounds, 1 pair per case
+
+Never asserts a timing; writes ``benchmarks/results/efficiency.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+BIN = Path(sys.executable).parent
+MPIRUN = str(BIN / "mpirun") if (BIN / "mpirun").exists() else (shutil.which("mpirun") or "mpirun")
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers (each benchmark is a standalone script)
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": np.__version__, "platform": platform.platform()}
+    try:
+        import mpi4py
+
+        info["mpi4py"] = mpi4py.__version__
+        out = subprocess.run([str(BIN / "mpichversion")], capture_output=True, text=True, timeout=30).stdout
+        info["mpi"] = " ".join(out.split("\n")[0].split())
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    try:
+        info["loadavg_start"] = Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        pass
+    return info
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else f"{c:.4g}" if isinstance(c, float) else str(c)
+                                             for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_result(name: str, result: dict, out: Path | None = None) -> Path:
+    path = out or RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        result["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def dataset(path: Path):
+    from osfed_hpc.data import DatasetReader, prepare_dataset
+
+    if not (path / "dataset.json").exists():
+        prepare_dataset("mnist5k", path, progress=False)
+    return DatasetReader(path)
+
+
+def partition(reader, path: Path, clients: int, scheme: str, alpha: float, seed: int = 0) -> Path:
+    from osfed_hpc.data import make_partition
+
+    name = f"bench-{scheme}-n{clients}" + (f"-a{alpha:g}" if scheme == "dirichlet" else "") + f"-s{seed}.npz"
+    file = path / "partitions" / name
+    if not file.exists():
+        make_partition(reader, clients, scheme, alpha, seed, min_samples=1, allow_small=True).save(file)
+    return file
+
+
+# ---------------------------------------------------------------------------------------------
+# one run and its analysis
+
+
+def launch(np_: int, data: Path, part: Path, out: Path, rounds: int, blocking: bool, timeout: float) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("OSFED_BLOCKING_WAIT", None)
+    if blocking:
+        env["OSFED_BLOCKING_WAIT"] = "1"
+    command = [MPIRUN, "-n", str(np_), sys.executable, "-m", "osfed_hpc", "run",
+               str(ROOT / "configs" / "mnist5k_fedavg.yaml"), f"data.path={data}", f"data.partition={part}",
+               f"out={out}", f"rounds={rounds}", "runtime.threads=1", "runtime.device=cpu", "eval.every=1000",
+               "name=bench-efficiency"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    return {"records": records, "summary": summary, "launch_wall_seconds": wall, "launch_cpu_seconds": cpu}
+
+
+def analyse(run: dict, sizes: np.ndarray, workers: list[int], skip_first: bool) -> dict:
+    from osfed_hpc.comm import assign_clients, owner_map
+
+    lpt = owner_map(assign_clients(sizes, workers))
+    records = run["records"][1:] if skip_first and len(run["records"]) > 1 else run["records"]
+    client_s = round_s = round_rr = 0.0
+    lpt_max = rr_max = lpt_mean = 0.0
+    round_list, local_check = [], []
+    for r in records:
+        secs = r["client_stats"]["seconds"]
+        clients = r["clients"]
+        wall = r["seconds"]["round"] - r["seconds"].get("evaluation", 0.0)
+        load_lpt = {w: 0.0 for w in workers}
+        load_rr = {w: 0.0 for w in workers}
+        for i, (c, s) in enumerate(zip(clients, secs)):
+            load_lpt[lpt[c]] += s
+            load_rr[workers[c % len(workers)]] += s
+        m_lpt, m_rr = max(load_lpt.values()), max(load_rr.values())
+        client_s += sum(secs)
+        round_s += wall
+        round_rr += wall - m_lpt + m_rr
+        lpt_max += m_lpt
+        rr_max += m_rr
+        lpt_mean += sum(secs) / len(workers)
+        round_list.append(r["seconds"]["round"])
+        local_check.append(abs(m_lpt - r["seconds"]["local_work"]))
+    w = len(workers)
+    return {
+        "rounds_used": len(records),
+        "client_seconds": client_s, "round_seconds": round_s,
+        "efficiency": client_s / (w * round_s),
+        "efficiency_round_robin_rebinned": client_s / (w * round_rr),
+        "imbalance_lpt": lpt_max / lpt_mean, "imbalance_round_robin": rr_max / lpt_mean,
+        "round_seconds_median": statistics.median(round_list),
+        "round_seconds_list": round_list,
+        "mean_client_seconds": client_s / sum(len(r["clients"]) for r in records),
+        "run_efficiency_wall": sum(sum(r["client_stats"]["seconds"]) for r in run["records"])
+        / (w * run["summary"]["wall_seconds"]),
+        "summary_wall_seconds": run["summary"]["wall_seconds"],
+        "launch_wall_seconds": run["launch_wall_seconds"],
+        "launch_cpu_seconds": run["launch_cpu_seconds"],
+        "max_abs_local_work_vs_lpt_rebinned": max(local_check) if local_check else 0.0,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds, one polite/busy pair per case")
+    parser.add_argument("--np", type=int, default=3, help="MPI ranks (rank 0 + P-1 workers)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default 3 quick, 10 full)")
+    parser.add_argument("--pairs", type=int, default=None, help="polite/busy pairs per case (default 1 quick, 2 full)")
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "bench" / "mnist5k")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mpirun")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    rounds = args.rounds or (3 if args.quick else 10)
+    pairs = args.pairs or (1 if args.quick else 2)
+    workers = list(range(1, args.np))
+
+    from osfed_hpc.data import load_partition
+
+    reader = dataset(args.data)
+    cases = {"iid": partition(reader, args.data, 10, "iid", 1.0),
+             "dirichlet0.01": partition(reader, args.data, 10, "dirichlet", 0.01)}
+    sizes = {name: np.asarray(load_partition(file, reader).sizes) for name, file in cases.items()}
+    info = machine_info()
+    started = time.perf_counter()
+    runs: dict[str, dict[str, list]] = {name: {"polite": [], "busy": []} for name in cases}
+    with tempfile.TemporaryDirectory(prefix="osfed-bench-eff-") as tmp:
+        for pair in range(pairs):
+            for name, file in cases.items():
+                order = ("polite", "busy") if pair % 2 == 0 else ("busy", "polite")
+                for mode in order:
+                    out = Path(tmp) / f"{name}-{mode}-{pair}"
+                    print(f"  mpirun -n {args.np}: {name}, {mode} waits, {rounds} rounds ...", flush=True)
+                    run = launch(args.np, args.data, file, out, rounds, mode == "busy", args.timeout)
+                    runs[name][mode].append(analyse(run, sizes[name], workers, skip_first=rounds > 1))
+
+    def med(name: str, mode: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[name][mode])
+
+    figures: dict[str, dict] = {}
+    for name in cases:
+        figures[name] = {
+            "client_sizes": sizes[name].tolist(),
+            "efficiency_lpt": med(name, "polite", "efficiency"),
+            "efficiency_round_robin_rebinned": med(name, "polite", "efficiency_round_robin_rebinned"),
+            "imbalance_lpt": med(name, "polite", "imbalance_lpt"),
+            "imbalance_round_robin": med(name, "polite", "imbalance_round_robin"),
+            "run_efficiency_wall": med(name, "polite", "run_efficiency_wall"),
+            "efficiency_busy_wait": med(name, "busy", "efficiency"),
+            "busy_over_polite_round_seconds": med(name, "busy", "round_seconds_median")
+            / med(name, "polite", "round_seconds_median"),
+            "busy_over_polite_run_wall": med(name, "busy", "summary_wall_seconds")
+            / med(name, "polite", "summary_wall_seconds"),
+            "busy_over_polite_launch_wall": med(name, "busy", "launch_wall_seconds")
+            / med(name, "polite", "launch_wall_seconds"),
+            "busy_over_polite_client_seconds": med(name, "busy", "mean_client_seconds")
+            / med(name, "polite", "mean_client_seconds"),
+            "busy_over_polite_job_cpu_seconds": med(name, "busy", "launch_cpu_seconds")
+            / med(name, "polite", "launch_cpu_seconds"),
+        }
+    rows = []
+    for name, f in figures.items():
+        rows.append([name, f["efficiency_lpt"], f["efficiency_round_robin_rebinned"],
+                     f"{f['imbalance_lpt']:.2f} / {f['imbalance_round_robin']:.2f}", f["run_efficiency_wall"],
+                     f["efficiency_busy_wait"]])
+    print(f"\nrunner efficiency, mpirun -n {args.np} ({len(workers)} workers), FedAvg cnn MNIST-5k, 10 clients, "
+          f"{rounds} rounds (first skipped), median of {pairs} run(s) "
+          f"({info['cpu']}, {info['cores']} cores, load {' '.join(info.get('loadavg_start', []))})")
+    print(table(["case", "eff. longest-first", "eff. round-robin*", "imbalance LPT / RR", "eff. whole run",
+                 "eff. busy wait"], rows))
+    print("  * round-robin re-binned from the measured per-client seconds (see the docstring)")
+    print()
+    print(table(["case", "busy/polite round s", "busy/polite run wall", "busy/polite mpirun wall",
+                 "busy/polite client s", "busy/polite job CPU s"],
+                [[n, f["busy_over_polite_round_seconds"], f["busy_over_polite_run_wall"],
+                  f["busy_over_polite_launch_wall"], f["busy_over_polite_client_seconds"],
+                  f["busy_over_polite_job_cpu_seconds"]] for n, f in figures.items()]))
+    pays = [f["busy_over_polite_round_seconds"] for f in figures.values()]
+    print(f"polite polling {'pays' if min(pays) > 1.0 else 'does not pay everywhere'}: busy-wait rounds take "
+          f"{', '.join(f'{p:.2f}x' for p in pays)} the polite ones")
+    result = {"benchmark": "efficiency", "quick": args.quick, "machine": info,
+              "setup": {"np": args.np, "rounds": rounds, "pairs": pairs, "algorithm": "fedavg", "model": "cnn",
+                        "data": "mnist5k", "clients": 10, "threads_per_rank": 1, "first_round_skipped": rounds > 1},
+              "figures": figures, "runs": runs, "wall_seconds": time.perf_counter() - started}
+    print(f"wrote {write_result('efficiency', result, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

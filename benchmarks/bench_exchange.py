@@ -1,0 +1,440 @@
+"""Payload exchange through the runner's path vs raw MPI of the same bytes, under ``mpirun -n 3``.
+
+Two exchange paths of the runner, each against the bare mpi4py call that moves the same bytes:
+
+* **snapshots** (OS-Fed-like, gathered): each worker packs the payloads of its clients
+  (``Payload.pack``: ``snapshot`` float32[1,3,R,R], ``labels`` float32[16,1000], ``scale``
+  float32[1]) and they reach rank 0 through the runner's own ``Runner._gather_payloads`` (framing
+  + ``World.gatherv_bytes``: ``Igather`` of the counts + ``Igatherv`` with polite waits); rank 0
+  then ``Payload.unpack``s every client in client-id order. Bare: one blocking ``Gatherv`` of the
+  already-packed bytes into a preallocated buffer, counts known beforehand.
+* **FedAvg** (ResNet-18-sized, streamed): each worker packs one update (float32[11,699,112])
+  per client and starts ``World.isend_bytes``; rank 0 takes them in client-id order with
+  ``World.recv_bytes``, ``Payload.unpack`` and ``FedAvg.server_accumulate`` (the real fold, into
+  the real ``FlatModel`` of ``resnet18``), then ``server_finish``. Bare: blocking ``Send``/``Recv`` of
+  the same packed bytes into one reused buffer, folded with one ``add_``; and, as a second
+  reference, ``Reduce`` of the float32 updates (two clients per call), folded the same way.
+
+The runner path also runs with ``OSFED_BLOCKING_WAIT`` semantics (plain ``Wait()``) to show what
+the polite polling costs the exchange itself. 60 clients (30 per worker) by default; variants
+alternate within each repetition and the figure is median(runner) / median(bare), timed on rank 0
+from a barrier to the last payload unpacked (folded).
+
+    .venv/bin/python benchmarks/bench_exchange.py            # re-launches itself: mpirun -n 3
+    .venv/bin/python benchmarks/bench_exchange.py --quick    # FedAvg with 10 clients, 3 repetitions
+    .venv/bin/mpirun -n 3 .venv/bin/python benchmarks/bench_exchange.py
+
+Never asserts a timing; writes ``benchmarks/results/exchange.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+BIN = Path(sys.executable).parent
+MPIRUN = str(BIN / "mpirun") if (BIN / "mpirun").exists() else (shutil.which("mpirun") or "mpirun")
+AIM = 1.2
+TAG = 11  # the runner's payload tag
+UNDER_MPI_ENV = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "OSFED_BENCH_UNDER_MPI")
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers (each benchmark is a standalone script)
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": np.__version__, "platform": platform.platform()}
+    try:
+        import mpi4py
+        from mpi4py import MPI
+
+        info["mpi4py"] = mpi4py.__version__
+        info["mpi"] = " ".join(MPI.Get_library_version().split("\n")[0].split())
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    try:
+        info["loadavg_start"] = Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        pass
+    return info
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else f"{c:.4g}" if isinstance(c, float) else str(c)
+                                             for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_result(name: str, result: dict, out: Path | None = None) -> Path:
+    path = out or RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        result["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the cases
+
+
+class Blocking:
+    """Switch the package's waits to plain ``Wait()`` (what ``OSFED_BLOCKING_WAIT=1`` does at import)."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    def __enter__(self):
+        from osfed_hpc import comm
+
+        self.saved = comm._BLOCKING_WAIT
+        comm._BLOCKING_WAIT = self.on
+
+    def __exit__(self, *exc):
+        from osfed_hpc import comm
+
+        comm._BLOCKING_WAIT = self.saved
+
+
+def snapshot_payload(client: int, snapshot: np.ndarray, labels: np.ndarray, scale: np.ndarray):
+    from osfed_hpc.payload import Payload
+
+    meta = {"algorithm": "osfed", "round": 1, "client": client, "factor": 4, "num_snapshots": 1,
+            "multigrid": "uniform", "codec": "none", "mode": "eval"}
+    return Payload(meta=meta, arrays={"snapshot": snapshot, "labels": labels, "scale": scale})
+
+
+class SnapshotCase:
+    def __init__(self, world, comm, clients: int, resolution: int) -> None:
+        from osfed_hpc.comm import assign_clients, owner_map
+        from osfed_hpc.runner import Runner
+
+        self.world, self.comm, self.clients, self.resolution = world, comm, clients, resolution
+        self.name = f"snapshots {resolution}px"
+        self.owner = owner_map(assign_clients(np.full(clients, 100), world.worker_ranks))
+        self.mine = sorted(c for c, r in self.owner.items() if r == world.rank)
+        self.gather = lambda payloads: Runner._gather_payloads(types.SimpleNamespace(world=world), payloads)
+        rng = np.random.default_rng(world.rank)
+        self.snapshot = rng.standard_normal((1, 3, resolution, resolution), dtype=np.float32)
+        self.labels = rng.standard_normal((16, 1000), dtype=np.float32)
+        self.scale = np.array([0.5], dtype=np.float32)
+        # the bare side: the same packed bytes, concatenated once, counts known in advance
+        packed = [snapshot_payload(c, self.snapshot, self.labels, self.scale).pack() for c in self.mine]
+        self.payload_bytes = len(packed[0]) if packed else 0
+        self.frame = np.frombuffer(b"".join(packed), dtype=np.uint8) if packed else np.zeros(0, np.uint8)
+        sizes = comm.gather(self.frame.size, root=0)
+        if world.is_server:
+            self.counts = np.asarray(sizes, dtype=np.int64)
+            self.displs = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+            self.received = np.empty(int(self.counts.sum()), dtype=np.uint8)
+        self.payload_bytes = comm.allreduce(self.payload_bytes, op=_mpi().MAX)
+
+    def variants(self) -> list[str]:
+        return ["runner", "runner_busy_wait", "bare_gatherv"]
+
+    def run(self, variant: str) -> dict:
+        from osfed_hpc.payload import Payload
+
+        if variant == "bare_gatherv":
+            t0 = time.perf_counter()
+            if self.world.is_server:
+                self.comm.Gatherv(self.frame, [self.received, self.counts, self.displs, _mpi().BYTE], root=0)
+            else:
+                self.comm.Gatherv(self.frame, None, root=0)
+            return {"exchange": time.perf_counter() - t0}
+        with Blocking(variant == "runner_busy_wait"):
+            if self.world.is_server:
+                t0 = time.perf_counter()
+                got = self.gather({})
+                t1 = time.perf_counter()
+                for client in range(self.clients):
+                    payload = Payload.unpack(got[client])
+                    if payload.meta["client"] != client:
+                        raise RuntimeError(f"client {client}: payload says {payload.meta['client']}")
+                return {"exchange": t1 - t0, "unpack": time.perf_counter() - t1}
+            t0 = time.perf_counter()
+            payloads = {c: snapshot_payload(c, self.snapshot, self.labels, self.scale).pack() for c in self.mine}
+            t1 = time.perf_counter()
+            self.gather(payloads)
+            return {"pack": t1 - t0, "exchange": time.perf_counter() - t1}
+
+
+class FedAvgCase:
+    def __init__(self, world, comm, clients: int) -> None:
+        import torch
+
+        from osfed_hpc.comm import assign_clients, owner_map
+        from osfed_hpc.payload import Payload
+
+        self.world, self.comm, self.clients = world, comm, clients
+        self.name = "FedAvg resnet18"
+        self.owner = owner_map(assign_clients(np.full(clients, 100), world.worker_ranks))
+        self.mine = sorted(c for c, r in self.owner.items() if r == world.rank)
+        numel = None
+        if world.is_server:
+            from osfed_hpc.algorithms import Environment, get_algorithm
+            from osfed_hpc.config import TrainConfig
+            from osfed_hpc.flat import FlatModel
+            from osfed_hpc.models import build_model
+
+            model = FlatModel(build_model("resnet18", 3, 224, 1000, seed=0))
+            numel = model.numel
+            cls = get_algorithm("fedavg")
+            env = Environment(model=model, train=TrainConfig(), num_classes=1000, input_shape=(3, 224, 224),
+                              device=torch.device("cpu"), seed=0)
+            self.algorithm = cls(cls.Options(weighting="uniform"), env)
+            self.model = model
+        self.numel = comm.bcast(numel, root=0)
+        rng = np.random.default_rng(world.rank)
+        self.update = (rng.standard_normal(self.numel, dtype=np.float32) * 1e-3) if world.is_worker else None
+        example = Payload(meta={"algorithm": "fedavg", "round": 1, "client": 0},
+                          arrays={"update": np.zeros(self.numel, np.float32)}).pack()
+        self.payload_bytes = len(example)
+        self.array_offset = len(example) - 4 * self.numel
+        if world.is_worker:
+            self.packed = Payload(meta={"algorithm": "fedavg", "round": 1, "client": 0},
+                                  arrays={"update": self.update}).pack()
+        else:
+            self.recv_buffer = np.empty(self.payload_bytes, dtype=np.uint8)
+            self.reduce_buffer = np.empty(self.numel, dtype=np.float32)
+            self.zeros = np.zeros(self.numel, dtype=np.float32)
+            self.sum = torch.zeros(self.numel, dtype=torch.float32)
+
+    def variants(self) -> list[str]:
+        return ["runner", "runner_busy_wait", "bare_send_recv", "bare_reduce"]
+
+    def run(self, variant: str) -> dict:
+        import torch
+
+        from osfed_hpc.payload import Payload
+
+        world, comm = self.world, self.comm
+        if variant == "bare_send_recv":
+            if world.is_server:
+                recv = fold = 0.0
+                self.sum.zero_()
+                view = torch.from_numpy(self.recv_buffer[self.array_offset:].view(np.float32))
+                for client in range(self.clients):
+                    t0 = time.perf_counter()
+                    comm.Recv(self.recv_buffer, source=self.owner[client], tag=TAG)
+                    t1 = time.perf_counter()
+                    self.sum.add_(view)
+                    fold += time.perf_counter() - t1
+                    recv += t1 - t0
+                t0 = time.perf_counter()
+                _ = self.model.vector + self.sum * (1.0 / self.clients)
+                return {"exchange": recv, "fold": fold + time.perf_counter() - t0}
+            for _ in self.mine:
+                comm.Send(self.packed, dest=0, tag=TAG)
+            return {}
+        if variant == "bare_reduce":
+            calls = -(-self.clients // len(world.worker_ranks))  # each call folds one client per worker
+            if world.is_server:
+                recv = fold = 0.0
+                self.sum.zero_()
+                view = torch.from_numpy(self.reduce_buffer)
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    comm.Reduce(self.zeros, self.reduce_buffer, op=_mpi().SUM, root=0)
+                    t1 = time.perf_counter()
+                    self.sum.add_(view)
+                    fold += time.perf_counter() - t1
+                    recv += t1 - t0
+                t0 = time.perf_counter()
+                _ = self.model.vector + self.sum * (1.0 / self.clients)
+                return {"exchange": recv, "fold": fold + time.perf_counter() - t0}
+            for _ in range(calls):
+                comm.Reduce(self.update, None, op=_mpi().SUM, root=0)
+            return {}
+        with Blocking(variant == "runner_busy_wait"):
+            if world.is_server:
+                recv = fold = 0.0
+                self.algorithm.server_begin(1)
+                for client in range(self.clients):
+                    t0 = time.perf_counter()
+                    data = world.recv_bytes(self.owner[client], TAG)
+                    t1 = time.perf_counter()
+                    payload = Payload.unpack(data)
+                    self.algorithm.server_accumulate(client, payload, 1.0)
+                    fold += time.perf_counter() - t1
+                    recv += t1 - t0
+                t0 = time.perf_counter()
+                self.algorithm.server_finish()
+                return {"exchange": recv, "fold": fold + time.perf_counter() - t0}
+            pending, pack = [], 0.0
+            for client in self.mine:
+                t0 = time.perf_counter()
+                data = Payload(meta={"algorithm": "fedavg", "round": 1, "client": client},
+                               arrays={"update": self.update}).pack()
+                pack += time.perf_counter() - t0
+                pending.append(world.isend_bytes(data, dest=0, tag=TAG))
+            t0 = time.perf_counter()
+            world.wait_all([r for p in pending for r in p[1:]])
+            return {"pack": pack, "wait": time.perf_counter() - t0}
+
+
+def _mpi():
+    from mpi4py import MPI
+
+    return MPI
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def measure(case, reps: int, comm, rank: int) -> dict:
+    variants = case.variants()
+    times = {v: [] for v in variants}
+    parts = {v: [] for v in variants}
+    worker_parts = {v: [] for v in variants}
+    for variant in variants:  # warm-up
+        comm.Barrier()
+        case.run(variant)
+    for rep in range(reps):
+        shift = rep % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            comm.Barrier()
+            t0 = time.perf_counter()
+            detail = case.run(variant)
+            elapsed = time.perf_counter() - t0
+            gathered = comm.gather(detail, root=0)
+            if rank == 0:
+                times[variant].append(elapsed)
+                parts[variant].append(detail)
+                worker_parts[variant].append(gathered[1:])
+    if rank != 0:
+        return {}
+    med = {v: statistics.median(t) for v, t in times.items()}
+
+    def part_median(variant: str, key: str, workers: bool = False) -> float | None:
+        source = worker_parts[variant] if workers else [[p] for p in parts[variant]]
+        values = [max(d.get(key, 0.0) for d in rep) for rep in source if any(key in d for d in rep)]
+        return statistics.median(values) if values else None
+
+    breakdown = {v: {k: part_median(v, k) for k in ("exchange", "unpack", "fold")} for v in variants}
+    for v in variants:
+        breakdown[v].update({f"worker_{k}": part_median(v, k, True) for k in ("pack", "wait", "exchange")})
+    return {"case": case.name, "clients": case.clients, "payload_bytes": case.payload_bytes,
+            "bytes_per_exchange": case.payload_bytes * case.clients, "reps": reps,
+            "seconds_median": med, "seconds_all": times, "breakdown_median": breakdown}
+
+
+def under_mpi(args) -> int:
+    from mpi4py import MPI
+
+    from osfed_hpc.comm import World
+
+    comm = MPI.COMM_WORLD
+    world = World.from_mpi(comm)
+    rank = world.rank
+    if world.size < 2:
+        print("bench_exchange needs at least 2 ranks", file=sys.stderr)
+        return 2
+    import torch
+
+    torch.set_num_threads(1)
+    info = machine_info() if rank == 0 else None
+    started = time.perf_counter()
+    fedavg_clients = args.fedavg_clients or (10 if args.quick else 60)
+    reps = args.reps or (3 if args.quick else 5)
+    results = []
+    for resolution in (224, 448):
+        case = SnapshotCase(world, comm, args.clients, resolution)
+        if rank == 0:
+            print(f"  {case.name}: {args.clients} clients x {case.payload_bytes / 2**20:.2f} MiB ...", flush=True)
+        results.append(measure(case, reps, comm, rank))
+        del case
+    case = FedAvgCase(world, comm, fedavg_clients)
+    if rank == 0:
+        print(f"  {case.name}: {fedavg_clients} clients x {case.payload_bytes / 2**20:.1f} MiB ...", flush=True)
+    results.append(measure(case, reps, comm, rank))
+    del case
+    if rank != 0:
+        return 0
+    rows, figures = [], {}
+    for r in results:
+        med = r["seconds_median"]
+        bare = "bare_gatherv" if "bare_gatherv" in med else "bare_send_recv"
+        ratio = med["runner"] / med[bare]
+        key = r["case"].replace(" ", "_")
+        figures[key] = {"ratio_runner_vs_bare": ratio, "ratio_busy_wait_runner_vs_bare": med["runner_busy_wait"] / med[bare],
+                        "runner_seconds": med["runner"], "bare_seconds": med[bare],
+                        "runner_GBps": r["bytes_per_exchange"] / med["runner"] / 1e9,
+                        "bare_GBps": r["bytes_per_exchange"] / med[bare] / 1e9}
+        if "bare_reduce" in med:
+            figures[key]["ratio_runner_vs_bare_reduce"] = med["runner"] / med["bare_reduce"]
+        rows.append([r["case"], r["clients"], f"{r['bytes_per_exchange'] / 2**20:.0f} MiB", med["runner"],
+                     med["runner_busy_wait"], med[bare], ratio, med["runner_busy_wait"] / med[bare],
+                     f"{figures[key]['runner_GBps']:.2f} / {figures[key]['bare_GBps']:.2f}"])
+    print(f"\nexchange vs raw MPI, mpirun -n {world.size}, median of {reps} ({info['cpu']}, {info['cores']} cores, "
+          f"load {' '.join(info.get('loadavg_start', []))})")
+    print(table(["case", "clients", "bytes", "runner s", "runner busy s", "bare s", "runner/bare", "busy/bare",
+                 "GB/s runner / bare"], rows))
+    print()
+    brows = []
+    for r in results:
+        for v, b in r["breakdown_median"].items():
+            brows.append([r["case"], v] + [("-" if b.get(k) is None else b[k]) for k in
+                                           ("worker_pack", "exchange", "unpack", "fold")])
+    print(table(["case", "variant", "worker pack s", "rank-0 exchange s", "rank-0 unpack s", "rank-0 fold s"], brows))
+    worst = max(f["ratio_runner_vs_bare"] for f in figures.values())
+    print(f"aim <= {AIM}: {'within' if worst <= AIM else 'ABOVE'} (worst runner/bare {worst:.3f})")
+    result = {"benchmark": "exchange", "quick": args.quick, "machine": info, "np": world.size,
+              "figures": figures, "aim": AIM, "within_aim": worst <= AIM, "cases": results,
+              "wall_seconds": time.perf_counter() - started}
+    print(f"wrote {write_result('exchange', result, args.out)}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="FedAvg with 10 clients, 3 repetitions")
+    parser.add_argument("--np", type=int, default=3, help="ranks when re-launching under mpirun")
+    parser.add_argument("--clients", type=int, default=60, help="snapshot clients (all workers together)")
+    parser.add_argument("--fedavg-clients", type=int, default=None, help="FedAvg clients (default 10 quick, 60 full)")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3 quick, 5 full)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if any(os.environ.get(k) for k in UNDER_MPI_ENV):
+        return under_mpi(args)
+    env = dict(os.environ, OSFED_BENCH_UNDER_MPI="1", OMP_NUM_THREADS="1")
+    command = [MPIRUN, "-n", str(args.np), sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]]
+    return subprocess.run(command, env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

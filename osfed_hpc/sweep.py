@@ -1,0 +1,377 @@
+"""Parameter sweeps: one YAML of axes -> one resolved, validated config per row.
+
+A sweep file names a base config, overrides for every row, and axes whose cartesian product are
+the rows (first axis slowest)::
+
+    base: ../imagenet1k.yaml          # relative to the sweep file
+    name: imagenet1k-table10
+    out: runs/sweeps/imagenet1k-table10
+    set: {rounds: 100}                # every row
+    axes:
+      - name: res                     # scalar axis: one dotted key, a list of values
+        key: data.resolution
+        values: [224, 336, 448]
+        prefix: r                     # row names carry "r224"
+      - name: method                  # labelled axis: label -> {dotted.key: value}
+        values:
+          fedavg: {algorithm: {name: fedavg}}
+          osfed: {algorithm: {name: osfed, factor: 4}}
+
+Keys are dotted paths and a value replaces the node it names, as ``key=value`` does on the
+``osfed-hpc run`` command line (so ``algorithm: {...}`` swaps the whole algorithm section: an
+algorithm's options belong to its name and must not leak into another's).
+
+Why rows are written out as full configs instead of being recomputed by each array task: the job
+reads exactly the file that was validated before submission, the sweep folder documents what ran,
+and a changed sweep file cannot silently change half of a running array (checkpoints would refuse it).
+
+Layout of an expanded sweep folder::
+
+    SWEEP/sweep.yaml        the sweep file as given
+    SWEEP/rows/<i>.yaml     resolved config of row i (its ``out`` is SWEEP/runs/<row name>)
+    SWEEP/rows.tsv          index, name, out, config, one column per axis (read by jobs/sweep.slurm)
+    SWEEP/rows.json         the same, for tools (``osfed-hpc report SWEEP`` reads it)
+    SWEEP/logs/             SLURM output of the array tasks
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, config_from_dict, load_config
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
+_SWEEP_KEYS = {"base", "name", "out", "set", "axes"}
+_AXIS_KEYS = {"name", "key", "values", "prefix"}
+
+
+@dataclass
+class Axis:
+    """One dimension of the sweep: labels, each with the overrides it applies."""
+
+    name: str
+    labels: list[str]
+    overrides: list[dict[str, Any]]
+
+
+@dataclass
+class Sweep:
+    name: str
+    base: Path | None
+    out: Path
+    common: dict[str, Any]
+    axes: list[Axis]
+    source: Path
+
+
+@dataclass
+class Row:
+    index: int
+    name: str
+    labels: dict[str, str]
+    overrides: dict[str, Any]
+    config: dict[str, Any] = field(repr=False)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config["out"])
+
+
+# ---------------------------------------------------------------------------------------------
+# reading and expanding
+
+
+def _check_name(text: str, what: str) -> str:
+    if not _NAME.match(text):
+        raise ConfigError(f"{what} {text!r}: use letters, digits and . _ + = - only (it becomes a file name)")
+    return text
+
+
+def _label(value: Any) -> str:
+    return "null" if value is None else (str(value).lower() if isinstance(value, bool) else str(value))
+
+
+def _parse_axis(raw: Any, position: int, source: Path) -> Axis:
+    where = f"sweep {source}: axes[{position}]"
+    if not isinstance(raw, dict) or "name" not in raw or "values" not in raw:
+        raise ConfigError(f"{where} must be a mapping with 'name' and 'values'")
+    unknown = set(raw) - _AXIS_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(_AXIS_KEYS)}")
+    name = _check_name(str(raw["name"]), f"{where}: name")
+    prefix = str(raw.get("prefix", ""))
+    values = raw["values"]
+    if "key" in raw:
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where} ({name}): with 'key', 'values' must be a non-empty list")
+        labels = [prefix + _label(v) for v in values]
+        overrides = [{str(raw["key"]): v} for v in values]
+    else:
+        if not isinstance(values, dict) or not values:
+            raise ConfigError(f"{where} ({name}): without 'key', 'values' must map labels to {{dotted.key: value}}")
+        labels, overrides = [], []
+        for label, mapping in values.items():
+            if not isinstance(mapping, dict):
+                raise ConfigError(f"{where} ({name}): value of label {label!r} must be a mapping of dotted keys")
+            labels.append(prefix + _label(label))
+            overrides.append(dict(mapping))
+    for label in labels:
+        _check_name(label, f"{where} ({name}): label")
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"{where} ({name}): labels repeat: {labels}")
+    return Axis(name, labels, overrides)
+
+
+def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
+    """Parse and check a sweep file (rows are validated later, by :func:`expand`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"sweep file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"sweep file {str(path)!r} must hold a mapping")
+    unknown = set(raw) - _SWEEP_KEYS
+    if unknown:
+        raise ConfigError(f"sweep {path}: unknown keys {sorted(unknown)}; valid: {sorted(_SWEEP_KEYS)}")
+    name = _check_name(str(raw.get("name", path.stem)), f"sweep {path}: name")
+    base = (path.parent / raw["base"]).resolve() if raw.get("base") else None
+    if base is not None and not base.is_file():
+        raise ConfigError(f"sweep {path}: base config {str(base)!r} does not exist")
+    common = raw.get("set") or {}
+    if not isinstance(common, dict):
+        raise ConfigError(f"sweep {path}: 'set' must map dotted keys to values")
+    axes_raw = raw.get("axes") or []
+    if not isinstance(axes_raw, list) or not axes_raw:
+        raise ConfigError(f"sweep {path}: 'axes' must be a non-empty list")
+    axes = [_parse_axis(a, i, path) for i, a in enumerate(axes_raw)]
+    if len({a.name for a in axes}) != len(axes):
+        raise ConfigError(f"sweep {path}: axis names repeat")
+    folder = Path(out) if out is not None else Path(raw.get("out") or Path("runs") / "sweeps" / name)
+    return Sweep(name, base, folder.resolve(), dict(common), axes, path)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = str(key).split(".")
+    if not all(parts):
+        raise ConfigError(f"sweep key {key!r} has an empty part")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"sweep key {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def expand(sweep: Sweep) -> list[Row]:
+    """All rows, each a validated config dict with its own ``out`` and ``name``."""
+    base: dict[str, Any] = {}
+    if sweep.base is not None:
+        base = yaml.safe_load(sweep.base.read_text()) or {}
+    rows = []
+    for index, choice in enumerate(itertools.product(*[range(len(a.labels)) for a in sweep.axes])):
+        labels = {axis.name: axis.labels[i] for axis, i in zip(sweep.axes, choice)}
+        overrides = dict(sweep.common)
+        for axis, i in zip(sweep.axes, choice):
+            overrides.update(axis.overrides[i])
+        for reserved in ("out", "name"):
+            if reserved in overrides:
+                raise ConfigError(f"sweep {sweep.source}: {reserved!r} is set by the sweep for every row")
+        row_name = "-".join(labels.values())
+        raw = copy.deepcopy(base)
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+        raw["name"] = f"{sweep.name}-{row_name}"
+        raw["out"] = str(sweep.out / "runs" / row_name)
+        if isinstance(raw.get("algorithm"), str):
+            raw["algorithm"] = {"name": raw["algorithm"]}
+        try:
+            config = config_from_dict(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"sweep {sweep.source}, row {index} ({row_name}): {exc}") from None
+        rows.append(Row(index, row_name, labels, overrides, config.to_dict()))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def write_rows(sweep: Sweep, rows: list[Row]) -> Path:
+    """Write SWEEP/rows/<i>.yaml, rows.tsv and rows.json; re-read every config with load_config."""
+    folder = sweep.out
+    rows_dir = folder / "rows"
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    (folder / "logs").mkdir(exist_ok=True)
+    for stale in rows_dir.glob("*.yaml"):  # a shorter re-expansion must not leave old rows behind
+        stale.unlink()
+    shutil.copyfile(sweep.source, folder / "sweep.yaml")
+    index = []
+    for row in rows:
+        path = rows_dir / f"{row.index}.yaml"
+        header = f"# row {row.index} of sweep {sweep.name} ({sweep.source}): {row.name}\n"
+        path.write_text(header + yaml.safe_dump(row.config, sort_keys=False))
+        load_config(path)  # what the job will read is what was validated
+        index.append({"index": row.index, "name": row.name, "out": str(row.out), "config": str(path),
+                      "labels": row.labels, "overrides": row.overrides})
+    axes = [a.name for a in sweep.axes]
+    lines = ["\t".join(["index", "name", "out", "config", *axes])]
+    for entry in index:
+        fields = [str(entry["index"]), entry["name"], entry["out"], entry["config"], *entry["labels"].values()]
+        if any("\t" in f or "\n" in f for f in fields):
+            raise ConfigError(f"sweep row {entry['name']}: tabs or newlines in paths are not supported")
+        lines.append("\t".join(fields))
+    (folder / "rows.tsv").write_text("\n".join(lines) + "\n")
+    (folder / "rows.json").write_text(json.dumps({"sweep": sweep.name, "source": str(sweep.source),
+                                                  "axes": axes, "rows": index}, indent=1) + "\n")
+    return folder
+
+
+def read_rows(folder: str | Path) -> list[dict[str, Any]]:
+    """The row index of an expanded sweep folder (``rows.json``)."""
+    return json.loads((Path(folder) / "rows.json").read_text())["rows"]
+
+
+# ---------------------------------------------------------------------------------------------
+# data: built-in sources and partitions, made once for all rows
+
+
+def ensure_data(rows: list[Row], log=print) -> list[Path]:
+    """Prepare built-in datasets and compute each distinct partition once, before any row runs.
+
+    Rows share ``data.path``; the partition file name depends only on scheme/clients/alpha/seed, so
+    18 rows over 3 client counts need 3 files. Making them here (instead of in the first array task
+    that needs one) surfaces a bad alpha/min_samples before 18 jobs queue, and keeps array tasks
+    from racing to create the same file. A dataset that is not reachable from here (prepared on
+    another file system later) is left to the runs, which create a missing partition themselves.
+    """
+    from .data import DatasetReader, Partition, make_partition, prepare_dataset
+
+    made: list[Path] = []
+    done: set[tuple] = set()
+    for row in rows:
+        data = row.config["data"]
+        path = Path(data["path"])
+        if not (path / "dataset.json").exists():
+            if data.get("source") and path not in done:
+                log(f"preparing {data['source']} into {path}")
+                prepare_dataset(data["source"], path, progress=False)
+                done.add(path)
+            elif not data.get("source"):
+                if path not in done:
+                    log(f"note: {path} holds no prepared dataset (yet); the runs will make their partitions")
+                    done.add(path)
+                continue
+        if data.get("partition"):
+            continue
+        key = (str(path), data["scheme"], data["clients"], data["alpha"], data["partition_seed"], data["min_samples"])
+        if key in done:
+            continue
+        done.add(key)
+        target = Partition.default_path(path, data["scheme"], data["clients"], data["alpha"], data["partition_seed"])
+        if target.exists():
+            log(f"partition {target} exists (reused)")
+        else:
+            partition = make_partition(DatasetReader(path), data["clients"], data["scheme"], alpha=data["alpha"],
+                                       seed=data["partition_seed"], min_samples=data["min_samples"])
+            partition.save(target)
+            log(f"wrote partition {target}")
+        made.append(target)
+    return made
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def default_job_script() -> Path:
+    """``jobs/sweep.slurm`` of the working directory if present, else of this source checkout."""
+    local = Path("jobs") / "sweep.slurm"
+    return local if local.is_file() else Path(__file__).resolve().parents[1] / "jobs" / "sweep.slurm"
+
+
+def sbatch_command(name: str, folder: Path, count: int, script: Path, max_parallel: int | None = None,
+                   extra: list[str] = ()) -> list[str]:
+    """The array submission, as an argument list (values are never pasted into a shell string)."""
+    array = f"0-{count - 1}" + (f"%{max_parallel}" if max_parallel else "")
+    return ["sbatch", f"--array={array}", f"--job-name={name}", f"--output={folder / 'logs'}/%A_%a.out",
+            *extra, str(script), str(folder)]
+
+
+def job_environment(script: Path) -> dict[str, str]:
+    """The array tasks source ``jobs/common.sh`` from OSFED_ROOT (default: the submit directory)."""
+    env = dict(os.environ)
+    root = script.resolve().parent.parent
+    if not (Path.cwd() / "jobs" / "common.sh").is_file() and "OSFED_ROOT" not in env:
+        env["OSFED_ROOT"] = str(root)
+    return env
+
+
+def submit(command: list[str], env: dict[str, str]) -> int:
+    result = subprocess.run(command, env=env)
+    return result.returncode
+
+
+def find_mpirun() -> str:
+    """mpirun next to this interpreter (a venv with the mpich wheel), else the one on PATH."""
+    local = Path(sys.executable).parent / "mpirun"
+    if local.exists():
+        return str(local)
+    found = shutil.which("mpirun") or shutil.which("mpiexec")
+    if not found:
+        raise ConfigError("--local needs mpirun (or mpiexec) on PATH or next to the Python interpreter")
+    return found
+
+
+def row_state(out: Path) -> str:
+    """'finished' (summary.json), 'checkpoint' (resumable), or 'new'."""
+    from .checkpoint import latest_checkpoint
+
+    if (out / "summary.json").is_file():
+        return "finished"
+    return "checkpoint" if latest_checkpoint(out) else "new"
+
+
+def local_command(row_config: Path, out: Path, np_: int, mpirun: str) -> list[str]:
+    command = [mpirun, "-n", str(np_), sys.executable, "-m", "osfed_hpc", "run", str(row_config)]
+    if row_state(out) == "checkpoint":
+        command += ["--resume", str(out)]
+    return command
+
+
+def run_local(folder: Path, np_: int, mpirun: str | None = None, log=print) -> int:
+    """Run the rows one after another on this machine; finished rows are skipped, stopped ones resumed."""
+    mpirun = mpirun or find_mpirun()
+    failed = []
+    for entry in read_rows(folder):
+        out = Path(entry["out"])
+        if row_state(out) == "finished":
+            log(f"[sweep] row {entry['index']} {entry['name']}: finished already")
+            continue
+        command = local_command(Path(entry["config"]), out, np_, mpirun)
+        log(f"[sweep] row {entry['index']} {entry['name']}: {shlex.join(command)}")
+        code = subprocess.run(command).returncode
+        if code != 0:
+            log(f"[sweep] row {entry['index']} {entry['name']}: exit {code}")
+            failed.append(entry["name"])
+    if failed:
+        log(f"[sweep] {len(failed)} row(s) failed: {', '.join(failed)}")
+        return 1
+    return 0
