@@ -80,7 +80,10 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def write_result(name: str, result: dict, out: Path | None = None) -> Path:
-    path = out or RESULTS / f"{name}.json"
+    """Full runs go to benchmarks/results/<name>.json; quick runs (smoke checks) to a temp file,
+    so they never overwrite the recorded figures, unless --out says otherwise."""
+    quick_path = Path(tempfile.gettempdir()) / "osfed-bench" / f"{name}.quick.json"
+    path = out or (quick_path if result.get("quick") else RESULTS / f"{name}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         result["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]

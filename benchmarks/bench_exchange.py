@@ -36,6 +36,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -96,7 +97,10 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def write_result(name: str, result: dict, out: Path | None = None) -> Path:
-    path = out or RESULTS / f"{name}.json"
+    """Full runs go to benchmarks/results/<name>.json; quick runs (smoke checks) to a temp file,
+    so they never overwrite the recorded figures, unless --out says otherwise."""
+    quick_path = Path(tempfile.gettempdir()) / "osfed-bench" / f"{name}.quick.json"
+    path = out or (quick_path if result.get("quick") else RESULTS / f"{name}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         result["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
@@ -154,6 +158,7 @@ class SnapshotCase:
         self.scale = np.array([0.5], dtype=np.float32)
         # the bare side: the same packed bytes, concatenated once, counts known in advance
         packed = [snapshot_payload(c, self.snapshot, self.labels, self.scale).pack() for c in self.mine]
+        self.packed = dict(zip(self.mine, packed))
         self.payload_bytes = len(packed[0]) if packed else 0
         self.frame = np.frombuffer(b"".join(packed), dtype=np.uint8) if packed else np.zeros(0, np.uint8)
         sizes = comm.gather(self.frame.size, root=0)
@@ -164,7 +169,7 @@ class SnapshotCase:
         self.payload_bytes = comm.allreduce(self.payload_bytes, op=_mpi().MAX)
 
     def variants(self) -> list[str]:
-        return ["runner", "runner_busy_wait", "bare_gatherv"]
+        return ["runner", "runner_busy_wait", "runner_prepacked", "bare_gatherv"]
 
     def run(self, variant: str) -> dict:
         from osfed_hpc.payload import Payload
@@ -176,7 +181,7 @@ class SnapshotCase:
             else:
                 self.comm.Gatherv(self.frame, None, root=0)
             return {"exchange": time.perf_counter() - t0}
-        with Blocking(variant == "runner_busy_wait"):
+        with Blocking(variant.endswith("busy_wait")):
             if self.world.is_server:
                 t0 = time.perf_counter()
                 got = self.gather({})
@@ -187,7 +192,10 @@ class SnapshotCase:
                         raise RuntimeError(f"client {client}: payload says {payload.meta['client']}")
                 return {"exchange": t1 - t0, "unpack": time.perf_counter() - t1}
             t0 = time.perf_counter()
-            payloads = {c: snapshot_payload(c, self.snapshot, self.labels, self.scale).pack() for c in self.mine}
+            if variant == "runner_prepacked":
+                payloads = self.packed
+            else:
+                payloads = {c: snapshot_payload(c, self.snapshot, self.labels, self.scale).pack() for c in self.mine}
             t1 = time.perf_counter()
             self.gather(payloads)
             return {"pack": t1 - t0, "exchange": time.perf_counter() - t1}
@@ -235,7 +243,8 @@ class FedAvgCase:
             self.sum = torch.zeros(self.numel, dtype=torch.float32)
 
     def variants(self) -> list[str]:
-        return ["runner", "runner_busy_wait", "bare_send_recv", "bare_reduce"]
+        return ["runner", "runner_busy_wait", "runner_prepacked", "transfer_only", "transfer_only_busy_wait",
+                "bare_send_recv", "bare_reduce"]
 
     def run(self, variant: str) -> dict:
         import torch
@@ -280,7 +289,10 @@ class FedAvgCase:
             for _ in range(calls):
                 comm.Reduce(self.update, None, op=_mpi().SUM, root=0)
             return {}
-        with Blocking(variant == "runner_busy_wait"):
+        busy = variant.endswith("busy_wait")
+        pack_each = variant in ("runner", "runner_busy_wait")
+        fold_each = not variant.startswith("transfer_only")
+        with Blocking(busy):
             if world.is_server:
                 recv = fold = 0.0
                 self.algorithm.server_begin(1)
@@ -288,23 +300,28 @@ class FedAvgCase:
                     t0 = time.perf_counter()
                     data = world.recv_bytes(self.owner[client], TAG)
                     t1 = time.perf_counter()
-                    payload = Payload.unpack(data)
-                    self.algorithm.server_accumulate(client, payload, 1.0)
+                    if fold_each:
+                        payload = Payload.unpack(data)
+                        self.algorithm.server_accumulate(client, payload, 1.0)
                     fold += time.perf_counter() - t1
                     recv += t1 - t0
                 t0 = time.perf_counter()
-                self.algorithm.server_finish()
-                return {"exchange": recv, "fold": fold + time.perf_counter() - t0}
+                if fold_each:
+                    self.algorithm.server_finish()
+                return {"exchange": recv, "fold": fold + time.perf_counter() - t0} if fold_each else {"exchange": recv}
             pending, pack = [], 0.0
             for client in self.mine:
                 t0 = time.perf_counter()
-                data = Payload(meta={"algorithm": "fedavg", "round": 1, "client": client},
-                               arrays={"update": self.update}).pack()
+                if pack_each:
+                    data = Payload(meta={"algorithm": "fedavg", "round": 1, "client": client},
+                                   arrays={"update": self.update}).pack()
+                else:
+                    data = self.packed
                 pack += time.perf_counter() - t0
                 pending.append(world.isend_bytes(data, dest=0, tag=TAG))
             t0 = time.perf_counter()
             world.wait_all([r for p in pending for r in p[1:]])
-            return {"pack": pack, "wait": time.perf_counter() - t0}
+            return {"pack": pack, "wait": time.perf_counter() - t0} if pack_each else {"wait": time.perf_counter() - t0}
 
 
 def _mpi():
@@ -391,26 +408,26 @@ def under_mpi(args) -> int:
         bare = "bare_gatherv" if "bare_gatherv" in med else "bare_send_recv"
         ratio = med["runner"] / med[bare]
         key = r["case"].replace(" ", "_")
-        figures[key] = {"ratio_runner_vs_bare": ratio, "ratio_busy_wait_runner_vs_bare": med["runner_busy_wait"] / med[bare],
+        figures[key] = {"ratio_runner_vs_bare": ratio,
+                        **{f"ratio_{v}_vs_bare": med[v] / med[bare] for v in med if v not in ("runner", bare)},
                         "runner_seconds": med["runner"], "bare_seconds": med[bare],
                         "runner_GBps": r["bytes_per_exchange"] / med["runner"] / 1e9,
                         "bare_GBps": r["bytes_per_exchange"] / med[bare] / 1e9}
-        if "bare_reduce" in med:
-            figures[key]["ratio_runner_vs_bare_reduce"] = med["runner"] / med["bare_reduce"]
-        rows.append([r["case"], r["clients"], f"{r['bytes_per_exchange'] / 2**20:.0f} MiB", med["runner"],
-                     med["runner_busy_wait"], med[bare], ratio, med["runner_busy_wait"] / med[bare],
-                     f"{figures[key]['runner_GBps']:.2f} / {figures[key]['bare_GBps']:.2f}"])
+        rows.append([r["case"], r["clients"], f"{r['bytes_per_exchange'] / 2**20:.0f} MiB", med["runner"], med[bare],
+                     ratio, f"{figures[key]['runner_GBps']:.2f} / {figures[key]['bare_GBps']:.2f}"])
     print(f"\nexchange vs raw MPI, mpirun -n {world.size}, median of {reps} ({info['cpu']}, {info['cores']} cores, "
           f"load {' '.join(info.get('loadavg_start', []))})")
-    print(table(["case", "clients", "bytes", "runner s", "runner busy s", "bare s", "runner/bare", "busy/bare",
-                 "GB/s runner / bare"], rows))
+    print(table(["case", "clients", "bytes", "runner s", "bare s", "runner/bare", "GB/s runner / bare"], rows))
     print()
     brows = []
     for r in results:
+        med = r["seconds_median"]
+        bare = "bare_gatherv" if "bare_gatherv" in med else "bare_send_recv"
         for v, b in r["breakdown_median"].items():
-            brows.append([r["case"], v] + [("-" if b.get(k) is None else b[k]) for k in
-                                           ("worker_pack", "exchange", "unpack", "fold")])
-    print(table(["case", "variant", "worker pack s", "rank-0 exchange s", "rank-0 unpack s", "rank-0 fold s"], brows))
+            brows.append([r["case"], v, med[v], med[v] / med[bare]] + [("-" if b.get(k) is None else b[k]) for k in
+                                                                     ("worker_pack", "exchange", "unpack", "fold")])
+    print(table(["case", "variant", "s", "/ bare", "worker pack s", "rank-0 wait/recv s", "rank-0 unpack s",
+                 "rank-0 fold s"], brows))
     worst = max(f["ratio_runner_vs_bare"] for f in figures.values())
     print(f"aim <= {AIM}: {'within' if worst <= AIM else 'ABOVE'} (worst runner/bare {worst:.3f})")
     result = {"benchmark": "exchange", "quick": args.quick, "machine": info, "np": world.size,

@@ -4,12 +4,15 @@ The reference does what the 3SFC code does each iteration: deep-copy the model o
 parameter gradient with ``autograd.grad(create_graph=True)``, then ``loss.backward()``, which also
 computes second-order gradients into every model parameter, and re-evaluate the full closure
 (double backward included) after each LBFGS step. Ours differentiates w.r.t. (S, Y) only, does not
-copy the model and re-evaluates with a first-order pass. Both start from the same (S, Y), run the
-same LBFGS settings and must reach the same cosine.
+copy the model, takes the cosine from per-tensor dot products (no concatenated g) and re-evaluates
+with a first-order pass. Both start from the same (S, Y), run the same LBFGS settings and must reach
+the same cosine.
 
 Every (case, variant) runs in a fresh subprocess, so the peak memory (CPU: ``ru_maxrss`` growth
 over the process's state before synthesis; CUDA: ``max_memory_allocated`` growth) belongs to that
-variant alone. A warm-up (one LBFGS step of one evaluation) precedes the timed run in each process.
+variant alone. In each process a warm-up (one LBFGS step of one evaluation) precedes ``--inner`` timed
+runs; processes of the two variants alternate ``--repeat`` times; the fastest run is reported (wall
+clock and process CPU time, which is the steadier figure on a shared machine).
 
     .venv/bin/python benchmarks/bench_synthesis.py            # cnn 28 px (3SFC settings) + resnet18_gn 224 px
     .venv/bin/python benchmarks/bench_synthesis.py --quick    # seconds, for a smoke check
@@ -121,7 +124,7 @@ def _peak_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run_variant(variant: str, case: Case, target_path: str, device: torch.device) -> dict:
+def run_variant(variant: str, case: Case, target_path: str, device: torch.device, inner: int) -> dict:
     target = torch.load(target_path).to(device)
     net = build_model(case.model, case.channels, case.size, case.classes, seed=case.seed).to(device)
     model = FlatModel(net)
@@ -142,11 +145,15 @@ def run_variant(variant: str, case: Case, target_path: str, device: torch.device
         torch.cuda.reset_peak_memory_stats(device)
     base = _peak_bytes(device)
     run(1, 1)  # warm-up: lazy initialisation, allocator and thread pools
-    cpu = time.process_time()
-    _, _, info = run(case.outer_steps, case.max_iter)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return {"seconds": info["seconds"], "cpu_seconds": time.process_time() - cpu, "cos": info["cos"],
+    wall, cpu = [], []
+    for _ in range(inner):  # the same computation each time; the fastest is the least disturbed
+        started = time.process_time()
+        _, _, info = run(case.outer_steps, case.max_iter)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        cpu.append(time.process_time() - started)
+        wall.append(info["seconds"])
+    return {"seconds": min(wall), "cpu_seconds": min(cpu), "cos": info["cos"],
             "evaluations": int(info["iterations"]), "peak_mib": (_peak_bytes(device) - base) / 2**20}
 
 
@@ -156,18 +163,19 @@ def run_variant(variant: str, case: Case, target_path: str, device: torch.device
 
 def spawn(variant: str, case: Case, target_path: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", variant, "--case", json.dumps(asdict(case)),
-               "--target", target_path, "--device", args.device, "--threads", str(args.threads)]
+               "--target", target_path, "--device", args.device, "--threads", str(args.threads),
+               "--inner", str(args.inner)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"{variant} on {case.name} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def best_of(variant: str, case: Case, target_path: str, args: argparse.Namespace) -> dict:
-    """Fastest wall and CPU time over ``--repeat`` processes (CPU time is robust to a busy machine)."""
-    runs = [spawn(variant, case, target_path, args) for _ in range(args.repeat)]
+def summarize(runs: list[dict]) -> dict:
+    """Fastest wall and CPU time over the runs (CPU time is more robust on a busy machine)."""
     return {**runs[0], "seconds": min(r["seconds"] for r in runs), "cpu_seconds": min(r["cpu_seconds"] for r in runs),
-            "peak_mib": max(r["peak_mib"] for r in runs), "all_seconds": [r["seconds"] for r in runs]}
+            "peak_mib": max(r["peak_mib"] for r in runs), "all_seconds": [r["seconds"] for r in runs],
+            "all_cpu_seconds": [r["cpu_seconds"] for r in runs]}
 
 
 def benchmark(args: argparse.Namespace) -> dict:
@@ -177,8 +185,11 @@ def benchmark(args: argparse.Namespace) -> dict:
         for case in cases(args):
             target_path = os.path.join(tmp, f"{case.name}.pt")
             torch.save(make_target(case, device).cpu(), target_path)
-            ours = best_of("ours", case, target_path, args)
-            reference = best_of("reference", case, target_path, args)
+            runs: dict[str, list[dict]] = {"ours": [], "reference": []}
+            for _ in range(args.repeat):  # interleaved, so both variants see the same machine load
+                for variant in runs:
+                    runs[variant].append(spawn(variant, case, target_path, args))
+            ours, reference = summarize(runs["ours"]), summarize(runs["reference"])
             results.append({
                 "case": asdict(case), "name": case.name, "ours": ours, "reference": reference,
                 "speedup": reference["seconds"] / ours["seconds"],
@@ -188,9 +199,11 @@ def benchmark(args: argparse.Namespace) -> dict:
             })
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "device": args.device, "threads": args.threads, "repeat": args.repeat, "quick": args.quick,
+        "device": args.device, "threads": args.threads, "repeat": args.repeat, "inner": args.inner,
+        "quick": args.quick,
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-        "cpu_count": os.cpu_count(), "cos_tolerance": COS_TOLERANCE, "cases": results,
+        "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "cos_tolerance": COS_TOLERANCE,
+        "cases": results,
     }
 
 
@@ -215,7 +228,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--large-size", type=int, default=224, help="resolution of the resnet18_gn case")
     parser.add_argument("--large-evals", type=int, default=3,
                         help="LBFGS max_iter (= closure evaluations) of the single outer step, resnet18_gn case")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per variant; the fastest is reported")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per variant; the fastest is reported")
+    parser.add_argument("--inner", type=int, default=3, help="timed runs inside each process (after a warm-up)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -229,7 +243,8 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
-        result = run_variant(args.worker, Case(**json.loads(args.case)), args.target, torch.device(args.device))
+        result = run_variant(args.worker, Case(**json.loads(args.case)), args.target, torch.device(args.device),
+                             args.inner)
         print(json.dumps(result))
         return
     report = benchmark(args)

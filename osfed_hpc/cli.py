@@ -170,10 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_cluster_commands(sub) -> None:
-    try:
-        from . import cluster_cli
-    except ImportError:
-        return
+    from . import cluster_cli
+
     cluster_cli.add_commands(sub)
 
 

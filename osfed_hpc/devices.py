@@ -13,15 +13,18 @@ import torch
 from .comm import node_local_rank, node_local_size
 
 
-def configure_threads(requested: int, comm) -> int:
-    """Threads for this rank: the request, else SLURM's CPUs per task, else a fair share of the node."""
+def configure_threads(requested: int, comm, loader_workers: int = 0) -> int:
+    """Threads for this rank: the request, else SLURM's CPUs per task, else a fair share of the node,
+    minus the cores its DataLoader workers will keep busy decoding JPEGs."""
     if requested > 0:
         threads = requested
-    elif os.environ.get("SLURM_CPUS_PER_TASK"):
-        threads = int(os.environ["SLURM_CPUS_PER_TASK"])
     else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = max(1, cores // node_local_size(comm))
+        if os.environ.get("SLURM_CPUS_PER_TASK"):
+            cores = int(os.environ["SLURM_CPUS_PER_TASK"])
+        else:
+            available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            cores = available // node_local_size(comm)
+        threads = max(1, cores - loader_workers)
     torch.set_num_threads(threads)
     return threads
 

@@ -243,6 +243,7 @@ def plot_curves(runs: list[dict[str, Any]], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     written = []
     for name, xlabel, xkey, scale in (
@@ -250,24 +251,28 @@ def plot_curves(runs: list[dict[str, Any]], out: Path) -> list[Path]:
         ("accuracy_vs_uplink.png", "cumulative uplink (MB, 10^6 bytes)", "uplink_bytes_total", 1e-6),
     ):
         fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+        colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
         drawn = 0
-        for run in runs:
+        for i, run in enumerate(runs):
             points = [(r[xkey] * scale, 100.0 * r["test_accuracy"]) for r in run.get("_records", [])
                       if r.get("test_accuracy") is not None and r.get(xkey) is not None]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, label=run["run"])
+                style = "-" if run.get("algorithm") == FEDAVG else "--"  # the baseline stands out
+                ax.plot(xs, ys, style, marker="o", markersize=3, linewidth=1.2, color=colours(i % colours.N),
+                        label=run["run"])
                 drawn += 1
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test top-1 accuracy (%)")
         if xkey == "uplink_bytes_total" and drawn:
             ax.set_xscale("log")  # FedAvg and snapshot methods differ by orders of magnitude
+        if xkey == "round":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
-        if drawn:
-            ax.legend(fontsize=7, loc="best", ncol=2 if drawn > 8 else 1)
-        fig.tight_layout()
+        if drawn:  # outside the axes: with 18 runs a legend inside hides the curves
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=2 if drawn > 12 else 1)
         path = out / name
-        fig.savefig(path)
+        fig.savefig(path, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
     return written

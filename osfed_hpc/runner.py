@@ -159,7 +159,8 @@ class Runner:
         self.world = world
         self.run_dir = run_dir
         self.stop_requested = False
-        self.threads = configure_threads(config.runtime.threads, world.comm)
+        self.install_signal_handlers()  # first: a SLURM signal during setup must not kill a rank
+        self.threads = configure_threads(config.runtime.threads, world.comm, config.data.num_workers)
         make_deterministic()
         self.device = select_device(config.runtime.device)
         self.inputs = setup_inputs(config, world, run_dir, resume)
@@ -252,7 +253,6 @@ class Runner:
         """Run until ``config.rounds`` or a stop request; returns 'finished' or 'stopped'."""
         if self.world.is_server:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
-        self.install_signal_handlers()
         self.wall_start = time.perf_counter()
         for round_ in range(self.start_round, self.config.rounds + 1):
             if self._broadcast_stop():

@@ -240,7 +240,7 @@ def write_rows(sweep: Sweep, rows: list[Row]) -> Path:
         lines.append("\t".join(fields))
     (folder / "rows.tsv").write_text("\n".join(lines) + "\n")
     (folder / "rows.json").write_text(json.dumps({"sweep": sweep.name, "source": str(sweep.source),
-                                                  "axes": axes, "rows": index}, indent=1) + "\n")
+                                                  "axes": axes, "rows": index}, indent=1, default=str) + "\n")
     return folder
 
 

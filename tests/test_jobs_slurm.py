@@ -262,7 +262,7 @@ def _knobs(data: Path, out: Path, res: int, workers: int) -> dict[str, str]:
     # local_steps makes a round last about a second, so the signal lands mid-run on any machine
     return dict(DATA=str(data), RES=str(res), CLIENTS="4", ALGO="fedavg", OUT=str(out),
                 EXTRA=f"model.name=cnn rounds=4 data.alpha=1.0 train.local_steps=30 train.batch_size=8 "
-                      f"data.num_workers={workers} seed=3")
+                      f"data.num_workers={workers} seed=3 runtime.threads=1")
 
 
 @pytest.mark.slow

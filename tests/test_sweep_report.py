@@ -200,6 +200,7 @@ set:
   data.path: {jpeg_data}
   data.alpha: 1.0
   data.num_workers: 0
+  runtime.threads: 1
   model.name: cnn
   rounds: 2
   train.local_steps: 2

@@ -350,7 +350,7 @@ class EncodedImages:
         extra: dict[str, Any] = {}
         if num_workers > 0:
             extra = {"persistent_workers": True, "prefetch_factor": self._prefetch,
-                     "multiprocessing_context": self._mp_context}
+                     "multiprocessing_context": self._mp_context, "worker_init_fn": ignore_stop_signals}
         loader = DataLoader(
             self.dataset,
             batch_sampler=sampler,
@@ -369,6 +369,15 @@ class EncodedImages:
                 if iterator is not None and hasattr(iterator, "_shutdown_workers"):
                     iterator._shutdown_workers()
         self._idle.clear()
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGUSR1/SIGTERM: ``srun`` signals every process of the step, and
+    the rank (not its decoders) decides when to stop, at a round boundary."""
+    import signal
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class EncodedClient(ClientData):
