@@ -160,6 +160,7 @@ def analyse(run: dict, sizes: np.ndarray, workers: list[int], skip_first: bool) 
     client_s = round_s = round_rr = 0.0
     lpt_max = rr_max = lpt_mean = 0.0
     round_list, local_check = [], []
+    phases: dict[str, float] = {}
     for r in records:
         secs = r["client_stats"]["seconds"]
         clients = r["clients"]
@@ -177,12 +178,17 @@ def analyse(run: dict, sizes: np.ndarray, workers: list[int], skip_first: bool) 
         rr_max += m_rr
         lpt_mean += sum(secs) / len(workers)
         round_list.append(r["seconds"]["round"])
+        for phase, value in r["seconds"].items():
+            phases[phase] = phases.get(phase, 0.0) + value
         local_check.append(abs(m_lpt - r["seconds"]["local_work"]))
     w = len(workers)
     return {
         "rounds_used": len(records),
         "client_seconds": client_s, "round_seconds": round_s,
         "efficiency": client_s / (w * round_s),
+        # efficiency = balance x local fraction: (sum / (W max-rank)) x (max-rank / round)
+        "balance": client_s / (w * lpt_max), "local_fraction": lpt_max / round_s,
+        "phase_seconds_per_round": {k: v / max(len(records), 1) for k, v in phases.items()},
         "efficiency_round_robin_rebinned": client_s / (w * round_rr),
         "imbalance_lpt": lpt_max / lpt_mean, "imbalance_round_robin": rr_max / lpt_mean,
         "round_seconds_median": statistics.median(round_list),
@@ -239,6 +245,8 @@ def main() -> int:
             "client_sizes": sizes[name].tolist(),
             "efficiency_lpt": med(name, "polite", "efficiency"),
             "efficiency_round_robin_rebinned": med(name, "polite", "efficiency_round_robin_rebinned"),
+            "balance_lpt": med(name, "polite", "balance"),
+            "local_fraction": med(name, "polite", "local_fraction"),
             "imbalance_lpt": med(name, "polite", "imbalance_lpt"),
             "imbalance_round_robin": med(name, "polite", "imbalance_round_robin"),
             "run_efficiency_wall": med(name, "polite", "run_efficiency_wall"),
@@ -257,14 +265,22 @@ def main() -> int:
     rows = []
     for name, f in figures.items():
         rows.append([name, f["efficiency_lpt"], f["efficiency_round_robin_rebinned"],
-                     f"{f['imbalance_lpt']:.2f} / {f['imbalance_round_robin']:.2f}", f["run_efficiency_wall"],
-                     f["efficiency_busy_wait"]])
+                     f"{f['imbalance_lpt']:.2f} / {f['imbalance_round_robin']:.2f}",
+                     f"{f['balance_lpt']:.3f} x {f['local_fraction']:.3f}", f["run_efficiency_wall"]])
     print(f"\nrunner efficiency, mpirun -n {args.np} ({len(workers)} workers), FedAvg cnn MNIST-5k, 10 clients, "
           f"{rounds} rounds (first skipped), median of {pairs} run(s) "
           f"({info['cpu']}, {info['cores']} cores, load {' '.join(info.get('loadavg_start', []))})")
-    print(table(["case", "eff. longest-first", "eff. round-robin*", "imbalance LPT / RR", "eff. whole run",
-                 "eff. busy wait"], rows))
+    print(table(["case", "eff. longest-first", "eff. round-robin*", "imbalance LPT / RR",
+                 "= balance x local fraction", "eff. whole run"], rows))
     print("  * round-robin re-binned from the measured per-client seconds (see the docstring)")
+    phase_rows = []
+    keys = ("broadcast", "local_work", "exchange", "aggregation", "evaluation")
+    for name in cases:
+        first = runs[name]["polite"][0]["phase_seconds_per_round"]
+        other = first.get("round", 0.0) - sum(first.get(k, 0.0) for k in keys)
+        phase_rows.append([name] + [first.get(k, 0.0) for k in keys] + [other, first.get("round", 0.0)])
+    print(table(["s per round (polite, first run)", "broadcast", "local_work", "exchange", "aggregation",
+                 "evaluation", "other", "round"], phase_rows))
     print()
     print(table(["case", "busy/polite round s", "busy/polite run wall", "busy/polite mpirun wall",
                  "busy/polite client s", "busy/polite job CPU s"],

@@ -21,7 +21,7 @@ alternate within each repetition and the figure is median(runner) / median(bare)
 from a barrier to the last payload unpacked (folded).
 
     .venv/bin/python benchmarks/bench_exchange.py            # re-launches itself: mpirun -n 3
-    .venv/bin/python benchmarks/bench_exchange.py --quick    # FedAvg with 10 clients, 3 repetitions
+    .venv/bin/python benchmarks/bench_exchange.py --quick    # FedAvg with 10 clients, fewer repetitions
     .venv/bin/mpirun -n 3 .venv/bin/python benchmarks/bench_exchange.py
 
 Never asserts a timing; writes ``benchmarks/results/exchange.json``.
@@ -116,6 +116,101 @@ def write_result(name: str, result: dict, out: Path | None = None) -> Path:
 # the cases
 
 
+def proposed_pack(payload, out: np.ndarray | None = None) -> np.ndarray:
+    """What ``Payload.pack`` could do: the same bytes, written once into one numpy buffer.
+
+    ``Payload.pack`` zero-fills a ``bytearray``, copies the arrays in, then copies everything again
+    with ``bytes(out)``: three passes over fresh pages. Here: one copy, into a buffer numpy
+    allocates (large numpy allocations get transparent huge pages, so far fewer page faults).
+    With ``out`` (a reused uint8 buffer, as a worker could keep two per rank) it writes there and
+    returns the view: no fresh pages at all. Only used by the "proposed" variants;
+    ``check_proposals`` verifies the bytes are identical.
+    """
+    from osfed_hpc.payload import _PREFIX, MAGIC, VERSION, _aligned
+
+    arrays = [np.asarray(a) for a in payload.arrays.values()]
+    entries, offset = [], 0
+    for name, array in zip(payload.arrays, arrays):
+        entries.append([name, array.dtype.name, list(array.shape), offset])
+        offset = _aligned(offset + array.nbytes)
+    header = json.dumps({"meta": payload.meta, "arrays": entries}, separators=(",", ":")).encode()
+    start = _aligned(_PREFIX.size + len(header))
+    end = start + (entries[-1][3] + arrays[-1].nbytes if entries else 0)
+    out = np.empty(end, dtype=np.uint8) if out is None else out[:end]
+    out[:start] = 0
+    _PREFIX.pack_into(out, 0, MAGIC, VERSION, 0, len(header))
+    out[_PREFIX.size : _PREFIX.size + len(header)] = np.frombuffer(header, dtype=np.uint8)
+    for (_, _, _, off), array in zip(entries, arrays):
+        raw = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
+        out[start + off : start + off + raw.size] = raw
+        out[start + off + raw.size : min(end, start + _aligned(off + raw.size))] = 0
+    return out
+
+
+def proposed_accumulate(algorithm, client: int, payload, weight: float) -> None:
+    """``FedAvg.server_accumulate`` with the finiteness check done by ``np.isfinite(...).all()``
+    (one vectorised pass) instead of ``torch.isfinite(update).all()`` (a bool tensor + reduction)."""
+    import torch
+
+    from osfed_hpc.payload import require
+
+    context = f"client {client}, round {algorithm._round}"
+    require(payload, {"update": ("float32", (algorithm.env.model.numel,))}, context)
+    update = payload.arrays["update"]
+    if not np.isfinite(update).all():
+        raise ValueError(f"{context}: update holds NaN or Inf")
+    algorithm._sum.add_(torch.from_numpy(update), alpha=weight)
+    algorithm._total_weight += weight
+
+
+def proposed_finish(algorithm):
+    """``FedAvg.server_finish`` with one temporary instead of two (``v + s * c`` allocates ``s * c``
+    and then the sum); bit-identical (``torch.add(v, s, alpha=c)`` would not be: it fuses)."""
+    import torch
+
+    model = algorithm.env.model
+    out = torch.mul(algorithm._sum, algorithm.env.server_lr / algorithm._total_weight)
+    return out.add_(model.vector)
+
+
+def check_proposals() -> dict:
+    """The proposed pack/fold give the package's bytes and model bits exactly (not a timing check)."""
+    import torch
+
+    from osfed_hpc.algorithms import Environment, get_algorithm
+    from osfed_hpc.config import TrainConfig
+    from osfed_hpc.flat import FlatModel
+    from osfed_hpc.models import build_model
+    from osfed_hpc.payload import Payload
+
+    rng = np.random.default_rng(0)
+    snap = snapshot_payload(3, rng.standard_normal((1, 3, 32, 32), dtype=np.float32),
+                            rng.standard_normal((16, 1000), dtype=np.float32), np.array([0.5], np.float32))
+    odd = Payload(meta={"x": 1}, arrays={"a": np.arange(3, dtype=np.int8), "b": np.ones(5, np.float16),
+                                         "c": np.zeros((2, 3), np.float64)})
+    scratch = np.full(1 << 20, 7, dtype=np.uint8)
+    pack_equal = all(proposed_pack(p).tobytes() == p.pack() == proposed_pack(p, scratch).tobytes() for p in (snap, odd))
+    model = FlatModel(build_model("cnn", 1, 28, 10, seed=0))
+    cls = get_algorithm("fedavg")
+    results = []
+    for proposed in (False, True):
+        env = Environment(model=model, train=TrainConfig(), num_classes=10, input_shape=(1, 28, 28),
+                          device=torch.device("cpu"), seed=0)
+        algorithm = cls(cls.Options(), env)
+        algorithm.server_begin(1)
+        for client in range(5):
+            update = np.random.default_rng(client).standard_normal(model.numel, dtype=np.float32)
+            payload = Payload.unpack(np.frombuffer(Payload(meta={"client": client}, arrays={"update": update}).pack(),
+                                                   dtype=np.uint8).copy())
+            if proposed:
+                proposed_accumulate(algorithm, client, payload, float(client + 1))
+            else:
+                algorithm.server_accumulate(client, payload, float(client + 1))
+        results.append(proposed_finish(algorithm) if proposed else algorithm.server_finish())
+    return {"proposed_pack_bytes_identical": pack_equal,
+            "proposed_fold_bits_identical": bool(torch.equal(results[0], results[1]))}
+
+
 class Blocking:
     """Switch the package's waits to plain ``Wait()`` (what ``OSFED_BLOCKING_WAIT=1`` does at import)."""
 
@@ -159,6 +254,7 @@ class SnapshotCase:
         # the bare side: the same packed bytes, concatenated once, counts known in advance
         packed = [snapshot_payload(c, self.snapshot, self.labels, self.scale).pack() for c in self.mine]
         self.packed = dict(zip(self.mine, packed))
+        self.frame_buffer = np.zeros(8 + 16 * len(packed) + sum(len(b) for b in packed), dtype=np.uint8)
         self.payload_bytes = len(packed[0]) if packed else 0
         self.frame = np.frombuffer(b"".join(packed), dtype=np.uint8) if packed else np.zeros(0, np.uint8)
         sizes = comm.gather(self.frame.size, root=0)
@@ -168,8 +264,25 @@ class SnapshotCase:
             self.received = np.empty(int(self.counts.sum()), dtype=np.uint8)
         self.payload_bytes = comm.allreduce(self.payload_bytes, op=_mpi().MAX)
 
+    def pack_frame_proposed(self) -> np.ndarray:
+        """The proposal for gathered payloads: pack each client straight into its place in one frame
+        buffer kept across rounds (the same frame ``Runner._gather_payloads`` builds: count, (client,
+        length) table, payloads), instead of pack -> bytes -> ``np.concatenate``."""
+        n = len(self.mine)
+        table = np.empty((n, 2), dtype=np.int64)
+        position = 8 + 16 * n
+        for i, client in enumerate(self.mine):
+            data = proposed_pack(snapshot_payload(client, self.snapshot, self.labels, self.scale),
+                                 self.frame_buffer[position:])
+            table[i] = (client, data.size)
+            position += data.size
+        self.frame_buffer[:8] = np.array([n], dtype=np.int64).view(np.uint8)
+        self.frame_buffer[8 : 8 + 16 * n] = table.reshape(-1).view(np.uint8)
+        return self.frame_buffer[:position]
+
     def variants(self) -> list[str]:
-        return ["runner", "runner_busy_wait", "runner_prepacked", "bare_gatherv"]
+        return ["runner", "runner_busy_wait", "runner_prepacked", "world_gatherv_only", "runner_proposed_frame",
+                "bare_gatherv"]
 
     def run(self, variant: str) -> dict:
         from osfed_hpc.payload import Payload
@@ -180,6 +293,10 @@ class SnapshotCase:
                 self.comm.Gatherv(self.frame, [self.received, self.counts, self.displs, _mpi().BYTE], root=0)
             else:
                 self.comm.Gatherv(self.frame, None, root=0)
+            return {"exchange": time.perf_counter() - t0}
+        if variant == "world_gatherv_only":  # the transport alone: no pack, no framing, no unpack
+            t0 = time.perf_counter()
+            self.world.gatherv_bytes(self.frame)
             return {"exchange": time.perf_counter() - t0}
         with Blocking(variant.endswith("busy_wait")):
             if self.world.is_server:
@@ -194,6 +311,11 @@ class SnapshotCase:
             t0 = time.perf_counter()
             if variant == "runner_prepacked":
                 payloads = self.packed
+            elif variant == "runner_proposed_frame":
+                frame = self.pack_frame_proposed()
+                t1 = time.perf_counter()
+                self.world.gatherv_bytes(frame)
+                return {"pack": t1 - t0, "exchange": time.perf_counter() - t1}
             else:
                 payloads = {c: snapshot_payload(c, self.snapshot, self.labels, self.scale).pack() for c in self.mine}
             t1 = time.perf_counter()
@@ -241,10 +363,51 @@ class FedAvgCase:
             self.reduce_buffer = np.empty(self.numel, dtype=np.float32)
             self.zeros = np.zeros(self.numel, dtype=np.float32)
             self.sum = torch.zeros(self.numel, dtype=torch.float32)
+        # the proposed worker side: two send buffers reused round after round (allocated once)
+        self.send_buffers = [np.empty(self.payload_bytes, np.uint8) for _ in range(2)] if world.is_worker else []
+
+    def run_proposed(self) -> dict:
+        """The streaming path with the proposed fixes: a worker packs into one of two reused buffers
+        (waiting politely for the send that last used it), so at most two payloads are in flight and
+        no fresh pages are touched; rank 0 receives into one reused buffer and folds with
+        ``proposed_accumulate`` / ``proposed_finish``. Same messages, same order, same model bits."""
+        from osfed_hpc.payload import Payload
+
+        world = self.world
+        if world.is_server:
+            recv = fold = 0.0
+            self.algorithm.server_begin(1)
+            header = np.empty(1, dtype=np.int64)
+            for client in range(self.clients):
+                t0 = time.perf_counter()
+                world.wait(world.comm.Irecv(header, source=self.owner[client], tag=TAG))
+                buffer = self.recv_buffer[: int(header[0])]
+                world.wait(world.comm.Irecv(buffer, source=self.owner[client], tag=TAG))
+                t1 = time.perf_counter()
+                proposed_accumulate(self.algorithm, client, Payload.unpack(buffer), 1.0)
+                fold += time.perf_counter() - t1
+                recv += t1 - t0
+            t0 = time.perf_counter()
+            proposed_finish(self.algorithm)
+            return {"exchange": recv, "fold": fold + time.perf_counter() - t0}
+        in_flight: list[list | None] = [None, None]
+        pack = 0.0
+        for i, client in enumerate(self.mine):
+            slot = i % 2
+            if in_flight[slot] is not None:
+                world.wait_all(in_flight[slot][1:])
+            t0 = time.perf_counter()
+            data = proposed_pack(Payload(meta={"algorithm": "fedavg", "round": 1, "client": client},
+                                         arrays={"update": self.update}), self.send_buffers[slot])
+            pack += time.perf_counter() - t0
+            in_flight[slot] = world.isend_bytes(data, dest=0, tag=TAG)
+        t0 = time.perf_counter()
+        world.wait_all([r for p in in_flight if p is not None for r in p[1:]])
+        return {"pack": pack, "wait": time.perf_counter() - t0}
 
     def variants(self) -> list[str]:
         return ["runner", "runner_busy_wait", "runner_prepacked", "transfer_only", "transfer_only_busy_wait",
-                "bare_send_recv", "bare_reduce"]
+                "runner_proposed_fixes", "bare_send_recv", "bare_reduce"]
 
     def run(self, variant: str) -> dict:
         import torch
@@ -289,6 +452,8 @@ class FedAvgCase:
             for _ in range(calls):
                 comm.Reduce(self.update, None, op=_mpi().SUM, root=0)
             return {}
+        if variant == "runner_proposed_fixes":
+            return self.run_proposed()
         busy = variant.endswith("busy_wait")
         pack_each = variant in ("runner", "runner_busy_wait")
         fold_each = not variant.startswith("transfer_only")
@@ -313,8 +478,9 @@ class FedAvgCase:
             for client in self.mine:
                 t0 = time.perf_counter()
                 if pack_each:
-                    data = Payload(meta={"algorithm": "fedavg", "round": 1, "client": client},
-                                   arrays={"update": self.update}).pack()
+                    payload = Payload(meta={"algorithm": "fedavg", "round": 1, "client": client},
+                                      arrays={"update": self.update})
+                    data = payload.pack()
                 else:
                     data = self.packed
                 pack += time.perf_counter() - t0
@@ -373,10 +539,11 @@ def measure(case, reps: int, comm, rank: int) -> dict:
 def under_mpi(args) -> int:
     from mpi4py import MPI
 
-    from osfed_hpc.comm import World
+    from osfed_hpc.comm import World, install_abort_hook
 
     comm = MPI.COMM_WORLD
     world = World.from_mpi(comm)
+    install_abort_hook(world)  # an exception on one rank ends the job instead of leaving the others waiting
     rank = world.rank
     if world.size < 2:
         print("bench_exchange needs at least 2 ranks", file=sys.stderr)
@@ -385,15 +552,17 @@ def under_mpi(args) -> int:
 
     torch.set_num_threads(1)
     info = machine_info() if rank == 0 else None
+    checks = check_proposals() if rank == 0 else None
     started = time.perf_counter()
     fedavg_clients = args.fedavg_clients or (10 if args.quick else 60)
     reps = args.reps or (3 if args.quick else 5)
+    snapshot_reps = args.snapshot_reps or (15 if args.quick else 40)
     results = []
     for resolution in (224, 448):
         case = SnapshotCase(world, comm, args.clients, resolution)
         if rank == 0:
             print(f"  {case.name}: {args.clients} clients x {case.payload_bytes / 2**20:.2f} MiB ...", flush=True)
-        results.append(measure(case, reps, comm, rank))
+        results.append(measure(case, snapshot_reps, comm, rank))
         del case
     case = FedAvgCase(world, comm, fedavg_clients)
     if rank == 0:
@@ -415,7 +584,8 @@ def under_mpi(args) -> int:
                         "bare_GBps": r["bytes_per_exchange"] / med[bare] / 1e9}
         rows.append([r["case"], r["clients"], f"{r['bytes_per_exchange'] / 2**20:.0f} MiB", med["runner"], med[bare],
                      ratio, f"{figures[key]['runner_GBps']:.2f} / {figures[key]['bare_GBps']:.2f}"])
-    print(f"\nexchange vs raw MPI, mpirun -n {world.size}, median of {reps} ({info['cpu']}, {info['cores']} cores, "
+    print(f"\nexchange vs raw MPI, mpirun -n {world.size}, median of {snapshot_reps} (snapshots) / {reps} (FedAvg) "
+          f"repetitions ({info['cpu']}, {info['cores']} cores, "
           f"load {' '.join(info.get('loadavg_start', []))})")
     print(table(["case", "clients", "bytes", "runner s", "bare s", "runner/bare", "GB/s runner / bare"], rows))
     print()
@@ -430,7 +600,9 @@ def under_mpi(args) -> int:
                  "rank-0 fold s"], brows))
     worst = max(f["ratio_runner_vs_bare"] for f in figures.values())
     print(f"aim <= {AIM}: {'within' if worst <= AIM else 'ABOVE'} (worst runner/bare {worst:.3f})")
-    result = {"benchmark": "exchange", "quick": args.quick, "machine": info, "np": world.size,
+    print(f"proposed pack gives identical bytes: {checks['proposed_pack_bytes_identical']}; proposed fold gives "
+          f"identical model bits: {checks['proposed_fold_bits_identical']}")
+    result = {"benchmark": "exchange", "quick": args.quick, "machine": info, "np": world.size, "checks": checks,
               "figures": figures, "aim": AIM, "within_aim": worst <= AIM, "cases": results,
               "wall_seconds": time.perf_counter() - started}
     print(f"wrote {write_result('exchange', result, args.out)}")
@@ -439,11 +611,13 @@ def under_mpi(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="FedAvg with 10 clients, 3 repetitions")
+    parser.add_argument("--quick", action="store_true", help="FedAvg with 10 clients, fewer repetitions")
     parser.add_argument("--np", type=int, default=3, help="ranks when re-launching under mpirun")
     parser.add_argument("--clients", type=int, default=60, help="snapshot clients (all workers together)")
     parser.add_argument("--fedavg-clients", type=int, default=None, help="FedAvg clients (default 10 quick, 60 full)")
-    parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3 quick, 5 full)")
+    parser.add_argument("--reps", type=int, default=None, help="FedAvg repetitions (default 3 quick, 5 full)")
+    parser.add_argument("--snapshot-reps", type=int, default=None,
+                        help="snapshot repetitions (default 15 quick, 40 full)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if any(os.environ.get(k) for k in UNDER_MPI_ENV):

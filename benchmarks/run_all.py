@@ -71,9 +71,9 @@ def summarise(name: str, data: dict) -> list[tuple[str, str, str]]:
                          f"{_fmt(f.get('busy_over_polite_job_cpu_seconds'))}", "> 1: polling pays"))
     elif name == "exchange":
         for case, f in data.get("figures", {}).items():
-            extra = f.get("ratio_runner_prepacked_vs_bare")
+            proposed = f.get("ratio_runner_proposed_fixes_vs_bare", f.get("ratio_runner_proposed_frame_vs_bare"))
             rows.append((f"{case.replace('_', ' ')}: runner / raw MPI", _fmt(f.get("ratio_runner_vs_bare")),
-                         f"aim <= {data.get('aim', 1.2)}; pre-packed {_fmt(extra)}"))
+                         f"aim <= {data.get('aim', 1.2)}; with the proposed fixes {_fmt(proposed)}"))
     elif name == "memory":
         figures = data.get("figures", {})
         for key, value in figures.get("store", {}).items():

@@ -93,10 +93,13 @@ class ServerConfig:
     sample_fraction: float = 1.0
     #: server learning rate applied to the aggregated update
     lr: float = 1.0
+    #: server momentum (FedAvgM) on the aggregated update, in [0, 1); 0 = plain averaging
+    momentum: float = 0.0
 
     def validate(self) -> None:
         _require(0 < self.sample_fraction <= 1, "server.sample_fraction", self.sample_fraction, "in (0, 1]")
         _require(self.lr > 0 and math.isfinite(self.lr), "server.lr", self.lr, "a number > 0")
+        _require(0 <= self.momentum < 1, "server.momentum", self.momentum, "in [0, 1)")
 
 
 @dataclass

@@ -41,6 +41,7 @@ from .payload import Payload
 from .rng import select_clients, torch_stream
 
 _PAYLOAD_TAG = 11
+_VELOCITY = "runner.server_velocity"
 _RECORD_HEAD = ("client", "seconds", "peak_memory_bytes", "payload_bytes", "num_samples")
 
 
@@ -176,6 +177,7 @@ class Runner:
         if world.is_server:
             self.server_model = self._new_model()
             self.server_algorithm = self._new_algorithm(self.server_model)
+            self.server_velocity: torch.Tensor | None = None
             self.eval_data = self._build_eval_data()
         if world.is_worker:
             self.worker_model = self._new_model()
@@ -402,10 +404,26 @@ class Runner:
                   file=sys.stderr, flush=True)
             rejected = list(selected)
         else:
-            self.server_model.load_(new_vector)
+            self.server_model.load_(self._server_momentum(new_vector))
         timer.seconds["aggregation"] = timer.seconds.get("aggregation", 0.0) + time.perf_counter() - start
         return {"uplink": uplink, "rejected": rejected,
                 "server_stats": {k: float(np.mean(v)) for k, v in server_stats.items()}}
+
+    def _server_momentum(self, new_vector: torch.Tensor) -> torch.Tensor:
+        """FedAvgM (Hsu et al., 2019): v <- beta v + (W_new - W_t); W_{t+1} = W_t + v, on the
+        parameters. It averages the per-round noise of compressed updates over ~1/(1-beta) rounds;
+        beta = 0 (default) leaves the algorithm's model untouched."""
+        beta = self.config.server.momentum
+        if beta == 0:
+            return new_vector
+        n = self.server_model.param_numel
+        delta = new_vector[:n] - self.server_model.params_vector
+        if self.server_velocity is None:
+            self.server_velocity = torch.zeros_like(delta)
+        self.server_velocity.mul_(beta).add_(delta)
+        new_vector = new_vector.clone()
+        new_vector[:n] = self.server_model.params_vector + self.server_velocity
+        return new_vector
 
     def _gather_records(self, records: list[list[float]]) -> np.ndarray | None:
         width = len(_RECORD_HEAD) + len(self.stat_names)
@@ -487,11 +505,17 @@ class Runner:
         self.world.barrier()
         if self.world.is_server:
             ckpt.write_server_part(
-                directory, round_done, self.server_model.vector.cpu().numpy(), self.server_algorithm.server_state(),
+                directory, round_done, self.server_model.vector.cpu().numpy(), self._server_state(),
                 self.config.to_dict(), self.server_model.sha256(),
                 {"totals": self.totals, "world_size": self.world.size, "wall_seconds": self._wall()},
             )
         self.world.barrier()
+
+    def _server_state(self) -> dict[str, np.ndarray]:
+        state = dict(self.server_algorithm.server_state())
+        if self.server_velocity is not None:
+            state[_VELOCITY] = self.server_velocity.cpu().numpy()
+        return state
 
     def _wall(self) -> float:
         return getattr(self, "previous_wall", 0.0) + time.perf_counter() - getattr(self, "wall_start", time.perf_counter())
@@ -504,6 +528,8 @@ class Runner:
                 raise ckpt.CheckpointError(f"checkpoint {directory}: model has {vector.size} values, "
                                            f"expected {self.server_model.numel}")
             self.server_model.load_(torch.from_numpy(vector).to(self.device))
+            velocity = server_state.pop(_VELOCITY, None)
+            self.server_velocity = None if velocity is None else torch.from_numpy(velocity).to(self.device)
             self.server_algorithm.load_server_state(server_state)
             self.log.truncate_after(checkpoint.round)
         if self.world.is_worker:

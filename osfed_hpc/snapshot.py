@@ -262,6 +262,9 @@ class SynthesisConfig:
     outer_steps: int = 10
     adam_lr: float = 0.1
     adam_steps: int = 100
+    #: True: the server applies one least-squares scale per parameter tensor, so the objective is
+    #: the energy of the target each tensor's direction can explain (see ``synthesize``)
+    per_tensor_scales: bool = False
 
 
 class _Best:
@@ -289,7 +292,8 @@ def synthesize(
     config: SynthesisConfig,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Find (S, Y) minimising ``1 - |cos(g(S, Y), target)|`` at the model's current weights.
+    """Find (S, Y) minimising ``1 - |cos(g(S, Y), target)|`` at the model's current weights
+    (with ``config.per_tensor_scales``: ``1 - cos(s * g, target)`` for the best scale per tensor).
 
     S is [M, C, H, W], Y is [M * samples_per_snapshot, K], both drawn from N(0, 1) with
     ``generator``. The outer gradient is taken w.r.t. (S, Y) only (``autograd.grad``), not
@@ -304,8 +308,8 @@ def synthesize(
     device = model.vector.device
     started = time.perf_counter()
     shape = (num_snapshots, *input_shape)
-    snapshots = torch.randn(shape, generator=generator, device=generator.device).to(device).requires_grad_()
     labels_shape = (num_snapshots * grid.samples_per_snapshot, num_classes)
+    snapshots = torch.randn(shape, generator=generator, device=generator.device).to(device).requires_grad_()
     labels = torch.randn(labels_shape, generator=generator, device=generator.device).to(device).requires_grad_()
     target = target.detach().to(device, torch.float32)
     pieces = target.split([p.numel() for p in model.model.parameters()])
@@ -314,9 +318,14 @@ def synthesize(
     def objective(s: torch.Tensor, y: torch.Tensor, create_graph: bool) -> torch.Tensor:
         # per-tensor dot products: concatenating g (and splitting its gradient) costs ~10% at ResNet scale
         grads = [g.reshape(-1) for g in parameter_gradients(model, s, y, grid, create_graph)]
-        dot = torch.stack([torch.dot(g, t) for g, t in zip(grads, pieces)]).sum()
-        norm = torch.stack([torch.dot(g, g) for g in grads]).sum().sqrt()
-        return 1.0 - (dot / (norm * target_norm + COS_EPS)).abs()
+        dots = torch.stack([torch.dot(g, t) for g, t in zip(grads, pieces)])
+        squares = torch.stack([torch.dot(g, g) for g in grads])
+        if config.per_tensor_scales:
+            # with a least-squares scale per tensor, |tau - s*g|^2 = |tau|^2 - sum_l <g_l,tau_l>^2/|g_l|^2:
+            # 1 - sqrt(explained fraction) is the cosine loss of the decoded update s*g
+            explained = (dots.square() / (squares + COS_EPS)).sum() / (target_norm.square() + COS_EPS)
+            return 1.0 - explained.clamp_min(1e-30).sqrt()
+        return 1.0 - (dots.sum() / (squares.sum().sqrt() * target_norm + COS_EPS)).abs()
 
     def evaluate() -> float:
         return float(objective(snapshots.detach(), labels.detach(), False))

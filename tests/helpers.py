@@ -20,6 +20,8 @@ class TensorClientData:
             order = torch.randperm(len(self.y), generator=generator)
             for start in range(0, len(order), batch_size):
                 index = order[start : start + batch_size]
+                if drop_last and len(index) < batch_size:
+                    continue
                 yield self.x[index], self.y[index]
                 produced += 1
                 if steps is not None and produced >= steps:

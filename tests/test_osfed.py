@@ -1,7 +1,7 @@
 """OS-Fed / 3SFC client and server hooks: decode identity, error feedback, rejection, one full round."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 import numpy as np
 import pytest
@@ -11,53 +11,22 @@ from osfed_hpc.algorithms import get_algorithm
 from osfed_hpc.algorithms.base import ClientContext, Environment
 from osfed_hpc.algorithms.local_training import local_sgd
 from osfed_hpc.algorithms.osfed import SFC3, OSFed, least_squares_scale
+from osfed_hpc.config import TrainConfig as PackageTrainConfig
 from osfed_hpc.flat import FlatModel
 from osfed_hpc.models import build_model
 from osfed_hpc.payload import Payload
+from tests.helpers import TensorClientData
 
 SIZE, CLASSES = 28, 10
 FAST = dict(outer_steps=2, lbfgs_max_iter=10)
 
 
-@dataclass
-class TrainConfig:
-    lr: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    batch_size: int = 16
-    local_epochs: int = 1
-    local_steps: int | None = None
-    lr_decay: float = 1.0
-    grad_clip: float = 0.0
+def TrainConfig(**changes):
+    """The package's TrainConfig with test defaults: plain SGD, small batches."""
+    return dataclasses.replace(PackageTrainConfig(), lr=0.05, momentum=0.0, batch_size=16, **changes)
 
 
-class TinyData:
-    """In-memory client data with the ``ClientData`` interface the runner provides."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.y)
-
-    def batches(self, generator, batch_size, epochs=1, steps=None, drop_last=False):
-        done = 0
-        epoch = 0
-        while (steps is None and epoch < epochs) or (steps is not None and done < steps):
-            order = torch.randperm(self.num_samples, generator=generator)
-            for start in range(0, self.num_samples, batch_size):
-                index = order[start : start + batch_size]
-                if drop_last and len(index) < batch_size:
-                    continue
-                yield self.x[index], self.y[index]
-                done += 1
-                if steps is not None and done >= steps:
-                    return
-            epoch += 1
-
-    def full_batch(self):
-        return self.x, self.y
+TinyData = TensorClientData
 
 
 def make_data(seed: int, n: int = 48, channels: int = 1) -> TinyData:
@@ -170,6 +139,29 @@ def test_server_decodes_the_clients_direction_bitwise(options):
     assert torch.equal(direction, encoding.direction)
     assert scale == encoding.scale and np.float32(scale) == scale
     assert encoding.stats["cos"] > encoding.stats["cos_init"]
+
+
+def test_per_tensor_scales_decode_bitwise_and_keep_each_tensor_orthogonal():
+    client_env, server_env = make_env(), make_env()
+    options = OSFed.Options(**FAST, scales="tensor")
+    client, server = OSFed(options, client_env), OSFed(options, server_env)
+    tau = true_update(client_env, make_data(1))
+    encoding = client.compress(tau, make_ctx(make_data(1)))
+    sizes = client.tensor_sizes
+    assert encoding.payload.arrays["scale"].shape == (len(sizes),)
+    server.server_begin(0)
+    scale, direction = server.decode(1, Payload.unpack(encoding.payload.pack()))
+    assert torch.equal(direction, encoding.direction) and torch.equal(scale, encoding.scale.cpu())
+    server.server_accumulate(1, Payload.unpack(encoding.payload.pack()), 1.0)
+    decoded = server.server_finish()[: server_env.model.param_numel] - server_env.model.params_vector
+    assert torch.allclose(decoded, tau - encoding.residual, atol=1e-6)
+    # least squares per tensor: the residual of every tensor is orthogonal to its own direction
+    for e_l, g_l in zip(encoding.residual.split(sizes), encoding.direction.split(sizes)):
+        if g_l.norm() > 0:
+            assert abs(cos(e_l, g_l)) < 1e-3
+    # and one scale per tensor explains at least as much as one global scale
+    global_scale = least_squares_scale(encoding.direction, tau)
+    assert encoding.residual.norm() <= (tau - global_scale * encoding.direction).norm() + 1e-6
 
 
 def test_payload_holds_only_what_is_sent():

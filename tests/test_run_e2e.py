@@ -119,10 +119,11 @@ def test_exception_on_one_worker_aborts_the_job(digits_dir, tmp_path):
 
 
 def test_resume_is_bit_for_bit_with_another_rank_count(digits_dir, tmp_path):
+    """Also with server momentum, whose velocity must travel through the checkpoint."""
     full, part = tmp_path / "full", tmp_path / "part"
-    args = small_run_overrides(digits_dir, full, rounds=4)
+    args = small_run_overrides(digits_dir, full, rounds=4) + ["server.momentum=0.5"]
     assert osfed("run", *args, np=3).returncode == 0
-    first = osfed("run", *small_run_overrides(digits_dir, part, rounds=2), np=3)
+    first = osfed("run", *small_run_overrides(digits_dir, part, rounds=2), "server.momentum=0.5", np=3)
     assert first.returncode == 0, first.stderr
     second = osfed("run", "--resume", str(part), "rounds=4", np=2)
     assert second.returncode == 0, second.stderr
