@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.osfed-installed
 DEMO   := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-serial test-mpi bench clean-demo
+.PHONY: install demo test bench
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,9 @@ install: $(STAMP)
 # FedAvg, OS-Fed and 3SFC on the embedded MNIST-5k (10 clients, Dirichlet 0.5), then a comparison table
 demo: $(STAMP)
 	$(MPIRUN) -n $(NP) $(PY) -m osfed_hpc run configs/mnist5k_fedavg.yaml out=$(DEMO)/fedavg
-	@if [ -f configs/mnist5k_osfed.yaml ]; then $(MPIRUN) -n $(NP) $(PY) -m osfed_hpc run configs/mnist5k_osfed.yaml out=$(DEMO)/osfed; fi
-	$(PY) -m osfed_hpc report $(DEMO)/*
+	$(MPIRUN) -n $(NP) $(PY) -m osfed_hpc run configs/mnist5k_osfed.yaml out=$(DEMO)/osfed
+	$(MPIRUN) -n $(NP) $(PY) -m osfed_hpc run configs/mnist5k_sfc3.yaml out=$(DEMO)/sfc3
+	$(PY) -m osfed_hpc report $(DEMO)/fedavg $(DEMO)/osfed $(DEMO)/sfc3
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not mpi" tests
