@@ -16,7 +16,7 @@ per-client path piece by piece (restore, state, ``client_update``, pack; and the
 overhead goes. It also checks that the runner and the bare loop compute the same update.
 
     .venv/bin/python benchmarks/bench_client_overhead.py            # full
-    .venv/bin/python benchmarks/bench_client_overhead.py --quick    # ~40 s
+    .venv/bin/python benchmarks/bench_client_overhead.py --quick    # 20-55 s depending on load
 
 Never asserts a timing; writes ``benchmarks/results/client_overhead.json``.
 """

@@ -280,7 +280,9 @@ def main() -> int:
         other = first.get("round", 0.0) - sum(first.get(k, 0.0) for k in keys)
         phase_rows.append([name] + [first.get(k, 0.0) for k in keys] + [other, first.get("round", 0.0)])
     print(table(["s per round (polite, first run)", "broadcast", "local_work", "exchange", "aggregation",
-                 "evaluation", "other", "round"], phase_rows))
+                 "evaluation", "rest", "round"], phase_rows))
+    print("  local_work = slowest worker's client seconds and exchange is derived from it (runner.py _log_round),"
+          " so 'rest' is ~0 and may be slightly negative")
     print()
     print(table(["case", "busy/polite round s", "busy/polite run wall", "busy/polite mpirun wall",
                  "busy/polite client s", "busy/polite job CPU s"],

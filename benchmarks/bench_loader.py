@@ -134,7 +134,8 @@ def make_tree(root: Path, count: int) -> None:
         photo_like(rng, width, height).save(folder / f"{k:05d}.jpg", quality=92)
 
 
-def bench_jpeg(work: Path, count: int, repeats: int, workers: int) -> list[dict]:
+def convert(work: Path, count: int, workers: int) -> tuple[DatasetReader, dict]:
+    """Convert a synthetic photo tree once; the same shards serve every resolution."""
     root = work / "photos"
     make_tree(root, count)
     t0 = time.perf_counter()
@@ -142,10 +143,16 @@ def bench_jpeg(work: Path, count: int, repeats: int, workers: int) -> list[dict]
                           quality=90, shard_size=256, workers=workers, progress=False)
     convert_s = time.perf_counter() - t0
     reader = DatasetReader(out)
+    sizes = [len(reader.read_encoded("train", k)) for k in range(reader.count("train"))]
+    meta = {"images": reader.count("train"), "mean_jpeg_kib": round(float(np.mean(sizes)) / 1024, 1),
+            "conversion_images_per_s": round(count / convert_s, 1), "conversion_workers": workers,
+            "conversion_images_per_s_per_core": round(count / convert_s / workers, 1)}
+    return reader, meta
+
+
+def bench_jpeg(reader: DatasetReader, res: int, repeats: int, workers: int) -> list[dict]:
     n = reader.count("train")
     blobs = [reader.read_encoded("train", k) for k in range(n)]
-    res = 224
-    sizes = [len(b) for b in blobs]
 
     def plain_resize() -> None:
         for b in blobs:
@@ -177,15 +184,15 @@ def bench_jpeg(work: Path, count: int, repeats: int, workers: int) -> list[dict]
         for _ in client.batches(torch.Generator().manual_seed(0), 32):
             pass
 
-    fns = {"plain loop: decode from memory + resize 224": plain_resize,
-           "plain loop: decode + torchvision RandomResizedCrop 224 + flip": plain_torchvision,
-           "ours, 1 process: HDF5 + decode(draft) + RandomResizedCrop 224 + flip": ours_train,
-           "ours, 1 process: HDF5 + decode(draft) + resize 256 + center crop 224": ours_eval,
+    fns = {f"plain loop: decode from memory + resize {res}": plain_resize,
+           f"plain loop: decode + torchvision RandomResizedCrop {res} + flip": plain_torchvision,
+           f"ours, 1 process: HDF5 + decode(draft) + RandomResizedCrop {res} + flip": ours_train,
+           f"ours, 1 process: HDF5 + decode(draft) + resize {round(res / 0.875)} + center crop {res}": ours_eval,
            "dataloader": loader_run}
     times = interleaved_best(fns, repeats)
     dl = times.pop("dataloader")
     data.close()
-    base = times["plain loop: decode from memory + resize 224"]
+    base = times[f"plain loop: decode from memory + resize {res}"]
     rows = [{
         "case": name,
         "images_per_cpu_s": round(n / t["cpu"], 1),
@@ -197,9 +204,7 @@ def bench_jpeg(work: Path, count: int, repeats: int, workers: int) -> list[dict]
         "images_per_wall_s_total": round(n / dl["wall"], 1),
         "images_per_wall_s_per_worker": round(n / dl["wall"] / workers, 1),
     })
-    meta = {"images": n, "mean_jpeg_kib": round(float(np.mean(sizes)) / 1024, 1),
-            "conversion_images_per_s": round((count) / convert_s, 1), "conversion_workers": workers}
-    return rows, meta
+    return rows
 
 
 def main() -> None:
@@ -209,29 +214,33 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(2, len(os.sched_getaffinity(0))))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--resolutions", default="224,336,448", help="comma-separated sides in px")
     args = parser.parse_args()
     images, repeats, epochs = (60, 1, 2) if args.quick else (args.images, 5, 10)
     torch.set_num_threads(1)  # one core per process, as each rank / worker has
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         raw_rows = bench_raw(Path(tmp), device, epochs, repeats)
-        jpeg_rows, jpeg_meta = bench_jpeg(Path(tmp), images, repeats, args.workers)
+        reader, jpeg_meta = convert(Path(tmp), images, args.workers)
+        resolutions = [int(r) for r in args.resolutions.split(",")]
+        jpeg = {res: bench_jpeg(reader, res, repeats, args.workers) for res in resolutions}
 
     print(f"{'raw in-memory batches':<58} {'ours b/s':>10} {'samples/s':>11} {'plain b/s':>10} {'ours/plain':>10}")
     for r in raw_rows:
         print(f"{r['case']:<58} {r['ours_batches_per_s']:>10,.0f} {r['ours_samples_per_s']:>11,} "
               f"{r['plain_batches_per_s']:>10,.0f} {r['ratio_ours_over_plain']:>10.2f}")
     print()
-    print(f"JPEG at 224 px: {jpeg_meta['images']} images of ~{jpeg_meta['mean_jpeg_kib']} KiB "
+    print(f"JPEG: {jpeg_meta['images']} images of ~{jpeg_meta['mean_jpeg_kib']} KiB "
           f"(500x375 photo-like, stored q90); conversion {jpeg_meta['conversion_images_per_s']} img/s "
-          f"with {jpeg_meta['conversion_workers']} workers")
-    print(f"{'case (one process = one worker)':<84} {'img/cpu-s':>10} {'img/wall-s':>10} {'vs plain':>9}")
-    for r in jpeg_rows[:-1]:
-        print(f"{r['case']:<84} {r['images_per_cpu_s']:>10,.1f} {r['images_per_wall_s']:>10,.1f} "
-              f"{r['ratio_vs_plain_decode_resize_cpu']:>9.2f}")
-    r = jpeg_rows[-1]
-    print(f"{r['case']:<84} {'':>10} {r['images_per_wall_s_total']:>10,.1f}   "
-          f"({r['images_per_wall_s_per_worker']:,.1f} per worker)")
+          f"with {jpeg_meta['conversion_workers']} workers ({jpeg_meta['conversion_images_per_s_per_core']} per core)")
+    for res, jpeg_rows in jpeg.items():
+        print(f"\n{f'{res} px: case (one process = one worker)':<84} {'img/cpu-s':>10} {'img/wall-s':>10} {'vs plain':>9}")
+        for r in jpeg_rows[:-1]:
+            print(f"{r['case']:<84} {r['images_per_cpu_s']:>10,.1f} {r['images_per_wall_s']:>10,.1f} "
+                  f"{r['ratio_vs_plain_decode_resize_cpu']:>9.2f}")
+        r = jpeg_rows[-1]
+        print(f"{r['case']:<84} {'':>10} {r['images_per_wall_s_total']:>10,.1f}   "
+              f"({r['images_per_wall_s_per_worker']:,.1f} per worker)")
     print(f"load average at the end: {os.getloadavg()[0]:.2f} on {len(os.sched_getaffinity(0))} CPUs")
     report = {
         "benchmark": "loader",
@@ -243,7 +252,7 @@ def main() -> None:
                     "libjpeg_turbo": bool(PIL.features.check_feature("libjpeg_turbo")),
                     "device": str(device)},
         "raw_in_memory": raw_rows,
-        "jpeg_224": {"setup": jpeg_meta, "rows": jpeg_rows},
+        "jpeg": {"setup": jpeg_meta, **{str(res): rows for res, rows in jpeg.items()}},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -17,7 +17,7 @@ client and by nothing else. Two measurements, each case in a fresh process so pe
   ``resnet18_gn`` and ``fedavg`` with ``resnet18_gn`` (no state at all, so any growth is something
   else the worker keeps per client).
 
-    .venv/bin/python benchmarks/bench_memory.py            # everything (~4 min on 2 cores)
+    .venv/bin/python benchmarks/bench_memory.py            # everything (~7 min on 2 busy cores)
     .venv/bin/python benchmarks/bench_memory.py --quick    # store cases + osfed/cnn runs with 1 and 30 clients
 
 Never asserts; writes ``benchmarks/results/memory.json``.
@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -207,7 +206,7 @@ def real_run(algorithm: str, model: str, clients: int, data: Path, part: Path, o
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="store cases + osfed/cnn runs only (~1 min)")
+    parser.add_argument("--quick", action="store_true", help="store cases + osfed/cnn runs with 1 and 30 clients (~1 min)")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "bench" / "mnist5k")
     parser.add_argument("--clients", default="1,10,30", help="hosted client counts")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mpirun")

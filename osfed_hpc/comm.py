@@ -120,18 +120,21 @@ class World:
         return received, counts
 
     # point to point (streamed payloads) ----------------------------------------------------
-    def isend_bytes(self, data: bytes, dest: int, tag: int) -> list:
-        """Start sending ``data`` (length first, then the bytes); keep ``data`` alive until waited."""
+    def isend_bytes(self, data, dest: int, tag: int) -> list:
+        """Start sending ``data`` (length first, then the bytes); keep ``data`` alive until waited.
+        Returns [length array, request, request]."""
         header = np.array([len(data)], dtype=np.int64)
         return [header, self.comm.Isend(header, dest=dest, tag=tag), self.comm.Isend(data, dest=dest, tag=tag)]
 
-    def recv_bytes(self, source: int, tag: int) -> np.ndarray:
+    def recv_bytes(self, source: int, tag: int, into: np.ndarray | None = None) -> np.ndarray:
+        """Receive one ``isend_bytes`` message; into ``into`` (reused, grown if needed) when given."""
         header = np.empty(1, dtype=np.int64)
         self.wait(self.comm.Irecv(header, source=source, tag=tag))
-        buffer = np.empty(int(header[0]), dtype=np.uint8)
-        self.wait(self.comm.Irecv(buffer, source=source, tag=tag))
-        self.counter.received += buffer.nbytes + header.nbytes
-        return buffer
+        size = int(header[0])
+        buffer = into if into is not None and into.size >= size else np.empty(size, dtype=np.uint8)
+        self.wait(self.comm.Irecv(buffer[:size], source=source, tag=tag))
+        self.counter.received += size + header.nbytes
+        return buffer[:size]
 
     def abort(self, code: int = 1) -> None:
         self.comm.Abort(code)
@@ -201,3 +204,34 @@ def node_local_size(comm=None) -> int:
         return comm.Get_size()
     finally:
         comm.Free()
+
+
+class StreamSender:
+    """Sends weight-sized payloads to rank 0 with at most ``depth`` in flight.
+
+    Each in-flight payload has its own send buffer, packed in place and reused round after round:
+    one copy per payload, and a worker's memory holds ``depth`` payloads, not one per client it
+    hosts (30 ViT-L updates would be 36 GB). Rank 0 receives in client-id order and workers send in
+    client-id order, so waiting for an older send cannot deadlock.
+    """
+
+    def __init__(self, world: World, dest: int, tag: int, depth: int = 2) -> None:
+        self.world, self.dest, self.tag = world, dest, tag
+        self.buffers: list[np.ndarray | None] = [None] * depth
+        self.pending: list[list] = [[] for _ in range(depth)]
+        self.next = 0
+
+    def send(self, payload) -> int:
+        slot = self.next
+        self.next = (self.next + 1) % len(self.buffers)
+        self.world.wait_all(self.pending[slot][1:])
+        size = payload.packed_size()
+        if self.buffers[slot] is None or self.buffers[slot].size < size:
+            self.buffers[slot] = np.empty(size, dtype=np.uint8)
+        payload.pack_into(self.buffers[slot])
+        self.pending[slot] = self.world.isend_bytes(self.buffers[slot][:size], self.dest, self.tag)
+        return size
+
+    def flush(self) -> None:
+        for requests in self.pending:
+            self.world.wait_all(requests[1:])

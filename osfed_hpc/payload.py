@@ -44,34 +44,55 @@ class Payload:
     meta: dict[str, MetaValue] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def pack(self) -> bytes:
+    def _layout(self) -> tuple[bytes, list[list], int, int]:
+        """(header, entries, start of the array section, total size) without touching array data."""
         entries = []
         offset = 0
         for name, array in self.arrays.items():
-            array = np.asarray(array)
-            dtype = array.dtype.name
+            dtype = np.asarray(array).dtype.name
             if dtype not in ALLOWED_DTYPES:
                 raise TypeError(f"payload array {name!r} has dtype {dtype}; allowed: {', '.join(ALLOWED_DTYPES)}")
-            entries.append([name, dtype, list(array.shape), offset])
-            offset = _aligned(offset + array.nbytes)
+            entries.append([name, dtype, list(np.shape(array)), offset])
+            offset = _aligned(offset + np.asarray(array).nbytes)
         for key, value in self.meta.items():
             if not isinstance(value, (str, int, float, bool)):
                 raise TypeError(f"payload meta {key!r} must be str/int/float/bool, got {type(value).__name__}")
         header = json.dumps({"meta": self.meta, "arrays": entries}, separators=(",", ":")).encode()
         start = _aligned(_PREFIX.size + len(header))
-        end = start + (entries[-1][3] + np.asarray(self.arrays[entries[-1][0]]).nbytes if entries else 0)
-        out = bytearray(end)
+        last = np.asarray(self.arrays[entries[-1][0]]).nbytes if entries else 0
+        return header, entries, start, start + (entries[-1][3] + last if entries else 0)
+
+    def packed_size(self) -> int:
+        return self._layout()[3]
+
+    def pack_into(self, buffer) -> int:
+        """Write the wire bytes into ``buffer`` (any writable buffer of at least ``packed_size()``
+        bytes, e.g. a reused send buffer) and return how many were written: one copy of each array.
+        Padding bytes are left as they are: they carry nothing and are never read."""
+        header, entries, start, end = self._layout()
+        out = memoryview(buffer).cast("B") if not isinstance(buffer, np.ndarray) else memoryview(buffer.reshape(-1))
+        if out.nbytes < end:
+            raise ValueError(f"buffer of {out.nbytes} bytes is too small for a {end}-byte payload")
         _PREFIX.pack_into(out, 0, MAGIC, VERSION, 0, len(header))
         out[_PREFIX.size : _PREFIX.size + len(header)] = header
-        for (name, _, _, off), array in zip(entries, self.arrays.values()):
+        filled = _PREFIX.size + len(header)
+        for (_, _, _, off), array in zip(entries, self.arrays.values()):
+            out[filled : start + off] = bytes(start + off - filled)
             raw = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
             out[start + off : start + off + raw.size] = raw.data
+            filled = start + off + raw.size
+        out[filled:end] = bytes(end - filled)
+        return end
+
+    def pack(self) -> bytes:
+        out = bytearray(self.packed_size())
+        self.pack_into(out)
         return bytes(out)
 
     @property
     def nbytes(self) -> int:
         """Size on the wire (header included): the logical byte count we report."""
-        return len(self.pack())
+        return self.packed_size()
 
     @classmethod
     def unpack(cls, buffer: bytes | bytearray | memoryview | np.ndarray) -> "Payload":

@@ -30,7 +30,7 @@ import yaml
 from . import checkpoint as ckpt
 from .algorithms import Algorithm, ClientContext, Environment, get_algorithm
 from .client_state import ClientStateStore
-from .comm import World, assign_clients, owner_map
+from .comm import StreamSender, World, assign_clients, owner_map
 from .config import Config
 from .devices import configure_threads, describe, make_deterministic, select_device
 from .errors import AgreedStop, RunError
@@ -174,15 +174,18 @@ class Runner:
         self.options = config.algorithm_options()
         self.stat_names = self.algorithm_cls.client_stat_names
         self.autocast = torch.bfloat16 if config.runtime.amp == "bf16" else None
+        self._frame: np.ndarray | None = None  # the Gatherv send frame, reused across rounds
         if world.is_server:
             self.server_model = self._new_model()
             self.server_algorithm = self._new_algorithm(self.server_model)
             self.server_velocity: torch.Tensor | None = None
+            self._receive_buffer: np.ndarray | None = None
             self.eval_data = self._build_eval_data()
         if world.is_worker:
             self.worker_model = self._new_model()
             self.worker_algorithm = self._new_algorithm(self.worker_model)
             self.store = ClientStateStore(self._state_dir())
+            self.sender = StreamSender(world, dest=0, tag=_PAYLOAD_TAG)
             self.train_data = self._build_train_data()
         self.start_round = 1
         if world.is_server:
@@ -285,12 +288,12 @@ class Runner:
         records = []
         if world.is_worker:
             with timer.phase("local_work"):
-                records, local_payloads, pending = self._work(round_, selected, global_vector)
+                records, local_payloads = self._work(round_, selected, global_vector)
         if world.is_server:
             with timer.phase("exchange_and_aggregation"):
                 outcome = self._aggregate(round_, selected, local_payloads, timer)
-        if world.is_worker and self.algorithm_cls.streams_payloads:
-            world.wait_all([r for p in pending for r in p[1:]])
+        if world.is_worker and world.size > 1 and self.algorithm_cls.streams_payloads:
+            self.sender.flush()
         gathered = self._gather_records(records)
         if world.is_server:
             self._log_round(round_, selected, outcome, gathered, timer, round_start, mpi_before)
@@ -313,7 +316,7 @@ class Runner:
 
     def _work(self, round_: int, selected: list[int], global_vector: torch.Tensor):
         """Run every selected client this rank hosts, in client-id order."""
-        records, payloads, pending = [], {}, []
+        records, payloads = [], {}
         mine = [c for c in selected if self.owner[c] == self.world.rank]
         for client in mine:
             self.worker_model.load_(global_vector)
@@ -332,28 +335,34 @@ class Runner:
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - start
             self.store.put(client, state)
-            data = result.payload.pack()
-            stats = [result.stats.get(name, float("nan")) for name in self.stat_names]
-            records.append([client, seconds, peak_memory_bytes(self.device), len(data),
-                            self.train_data[client].num_samples, *stats])
             if self.world.size == 1:
-                payloads[client] = data
+                payloads[client] = result.payload.pack()
             elif self.algorithm_cls.streams_payloads:
-                pending.append(self.world.isend_bytes(data, dest=0, tag=_PAYLOAD_TAG))
+                self.sender.send(result.payload)
             else:
-                payloads[client] = data
+                payloads[client] = result.payload
+            stats = [result.stats.get(name, float("nan")) for name in self.stat_names]
+            records.append([client, seconds, peak_memory_bytes(self.device), result.payload.packed_size(),
+                            self.train_data[client].num_samples, *stats])
         if self.world.size > 1 and not self.algorithm_cls.streams_payloads:
             self._gather_payloads(payloads)
-        return records, payloads, pending
+        return records, ({} if self.world.size > 1 else payloads)
 
     # exchange --------------------------------------------------------------------------------
-    def _gather_payloads(self, payloads: dict[int, bytes]) -> dict[int, memoryview] | None:
-        """All small payloads to rank 0 in one Gatherv: [count, (client, length) * count, bytes...]."""
-        index = np.array([[c, len(b)] for c, b in payloads.items()], dtype=np.int64).reshape(-1, 2)
-        frame = np.concatenate([
-            np.array([len(payloads)], dtype=np.int64).view(np.uint8), index.reshape(-1).view(np.uint8),
-            *[np.frombuffer(b, dtype=np.uint8) for b in payloads.values()],
-        ]) if payloads else np.array([0], dtype=np.int64).view(np.uint8)
+    def _gather_payloads(self, payloads: dict[int, Payload]) -> dict[int, memoryview] | None:
+        """All small payloads to rank 0 in one Gatherv: [count, (client, length) * count, bytes...],
+        each payload packed straight into the frame (reused across rounds)."""
+        sizes = {c: p.packed_size() for c, p in payloads.items()}
+        head = 8 + 16 * len(payloads)
+        total = head + sum(sizes.values())
+        if self._frame is None or self._frame.size < total:
+            self._frame = np.empty(total, dtype=np.uint8)
+        frame = self._frame[:total]
+        frame[:8].view(np.int64)[0] = len(payloads)
+        frame[8:head].view(np.int64)[:] = np.array([[c, n] for c, n in sizes.items()], dtype=np.int64).reshape(-1)
+        position = head
+        for client, payload in payloads.items():
+            position += payload.pack_into(frame[position : position + sizes[client]])
         gathered = self.world.gatherv_bytes(frame)
         if gathered is None:
             return None
@@ -381,8 +390,9 @@ class Runner:
         for client in selected:
             if self.world.size == 1 or not self.algorithm_cls.streams_payloads:
                 data = local[client]
-            else:
-                data = self.world.recv_bytes(self.owner[client], _PAYLOAD_TAG)
+            else:  # one reused receive buffer: the previous payload has been folded in already
+                data = self._receive_buffer = self.world.recv_bytes(self.owner[client], _PAYLOAD_TAG,
+                                                                    into=self._receive_buffer)
             uplink += len(data)
             start = time.perf_counter()
             try:

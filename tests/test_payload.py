@@ -93,3 +93,13 @@ def test_fuzzed_corruption_of_a_real_payload(position, junk):
     except ValueError:
         return
     assert isinstance(back, Payload)
+
+
+def test_pack_into_a_reused_buffer_gives_the_same_bytes():
+    payload = _sample()
+    buffer = bytearray(b"\xff" * (payload.packed_size() + 100))
+    written = payload.pack_into(buffer)
+    assert written == payload.packed_size() == len(payload.pack())
+    assert bytes(buffer[:written]) == payload.pack()  # padding zeroed, no stale bytes
+    with pytest.raises(ValueError, match="too small"):
+        payload.pack_into(bytearray(10))

@@ -89,7 +89,10 @@ class Algorithm:
         raise NotImplementedError
 
     def server_accumulate(self, client_id: int, payload: Payload, weight: float) -> dict[str, float]:
-        """Fold one payload in. Raise ``ValueError`` to reject it (the round goes on)."""
+        """Fold one payload in. Raise ``ValueError`` to reject it (the round goes on).
+
+        The payload's arrays are views into a receive buffer the runner reuses for the next
+        payload: fold them in here, and copy anything that must outlive this call."""
         raise NotImplementedError
 
     def server_finish(self) -> torch.Tensor:

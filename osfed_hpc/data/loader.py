@@ -372,12 +372,12 @@ class EncodedImages:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers ignore SIGUSR1/SIGTERM: ``srun`` signals every process of the step, and
-    the rank (not its decoders) decides when to stop, at a round boundary."""
+    """DataLoader workers ignore SIGUSR1 (SLURM's "time is nearly up"): ``srun`` signals every
+    process of the step, and the rank, not its decoders, stops at a round boundary. SIGTERM keeps
+    its default action: multiprocessing ends workers with it at exit."""
     import signal
 
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class EncodedClient(ClientData):
