@@ -31,7 +31,7 @@ from . import checkpoint as ckpt
 from .algorithms import Algorithm, ClientContext, Environment, get_algorithm
 from .client_state import ClientStateStore
 from .comm import StreamSender, World, assign_clients, owner_map
-from .config import Config
+from .config import Config, ConfigError
 from .devices import configure_threads, describe, make_deterministic, select_device
 from .errors import AgreedStop, RunError
 from .flat import FlatModel
@@ -207,7 +207,10 @@ class Runner:
             input_shape=self.inputs.input_shape, device=self.device, seed=self.config.seed,
             server_lr=self.config.server.lr, autocast_dtype=self.autocast, debug=self.config.runtime.debug,
         )
-        return self.algorithm_cls(self.options, env)
+        try:
+            return self.algorithm_cls(self.options, env)
+        except ValueError as exc:  # options that do not fit this model or data (e.g. factor vs resolution)
+            raise ConfigError(str(exc)) from None
 
     def _state_dir(self) -> Path | None:
         if self.config.runtime.client_state != "disk":

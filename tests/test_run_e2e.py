@@ -74,10 +74,12 @@ def test_existing_run_dir_is_not_overwritten(digits_dir, tmp_path):
         ("data.path=/nonexistent/data", "holds no prepared dataset"),
         ("data.partition=/nonexistent/p.npz", "does not exist"),
         ("algorithm.name=fedprox", "unknown algorithm 'fedprox'"),
+        ("algorithm.name=osfed algorithm.factor=3", "algorithm.factor: multi-grid factor 3 does not divide"),
+        ("algorithm.name=osfed model.name=resnet18 data.resolution=32", "cannot use a BatchNorm model"),
     ],
 )
 def test_bad_input_stops_before_training(digits_dir, tmp_path, override, message):
-    result = osfed("run", *small_run_overrides(digits_dir, tmp_path / "r"), override)
+    result = osfed("run", *small_run_overrides(digits_dir, tmp_path / "r"), *override.split())
     assert result.returncode == 2, result.stderr
     assert "round" not in result.stdout
     import re
