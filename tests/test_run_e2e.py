@@ -215,3 +215,12 @@ def test_sigkill_of_a_worker_ends_the_job_and_leaves_a_resumable_run(digits_dir,
     assert resumed.returncode == 0, resumed.stderr
     assert osfed("run", *small_run_overrides(digits_dir, full, rounds=rounds), np=3).returncode == 0
     assert summary(out)["model_sha256"] == summary(full)["model_sha256"]
+
+
+def test_bf16_autocast_runs_and_changes_the_numerics(digits_dir, tmp_path):
+    """runtime.amp=bf16 takes the autocast path for local training (CPU here, CUDA on clusters)."""
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    assert osfed("run", *small_run_overrides(digits_dir, fp32, rounds=1)).returncode == 0
+    result = osfed("run", *small_run_overrides(digits_dir, bf16, rounds=1), "runtime.amp=bf16")
+    assert result.returncode == 0, result.stderr
+    assert summary(bf16)["model_sha256"] != summary(fp32)["model_sha256"]
