@@ -35,82 +35,13 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, dataset, machine_info, partition, table, write_result  # first: sets OMP_NUM_THREADS, puts ROOT on sys.path
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-RESULTS = ROOT / "benchmarks" / "results"
 AIM = 1.05
-
-
-# ---------------------------------------------------------------------------------------------
-# shared helpers (each benchmark is a standalone script)
-
-
-def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "numpy": np.__version__, "platform": platform.platform(),
-            "torch_threads": torch.get_num_threads()}
-    try:
-        info["loadavg_start"] = Path("/proc/loadavg").read_text().split()[:3]
-    except OSError:
-        pass
-    return info
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else f"{c:.4g}" if isinstance(c, float) else str(c)
-                                             for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def write_result(name: str, result: dict, out: Path | None = None) -> Path:
-    """Full runs go to benchmarks/results/<name>.json; quick runs (smoke checks) to a temp file,
-    so they never overwrite the recorded figures, unless --out says otherwise."""
-    quick_path = Path(tempfile.gettempdir()) / "osfed-bench" / f"{name}.quick.json"
-    path = out or (quick_path if result.get("quick") else RESULTS / f"{name}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        result["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
-    except OSError:
-        pass
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
-    return path
-
-
-def dataset(path: Path):
-    from osfed_hpc.data import DatasetReader, prepare_dataset
-
-    if not (path / "dataset.json").exists():
-        prepare_dataset("mnist5k", path, progress=False)
-    return DatasetReader(path)
-
-
-def partition(reader, path: Path, clients: int, scheme: str, alpha: float, seed: int = 0) -> Path:
-    from osfed_hpc.data import make_partition
-
-    name = f"bench-{scheme}-n{clients}" + (f"-a{alpha:g}" if scheme == "dirichlet" else "") + f"-s{seed}.npz"
-    file = path / "partitions" / name
-    if not file.exists():
-        make_partition(reader, clients, scheme, alpha, seed, min_samples=1, allow_small=True).save(file)
-    return file
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,7 +362,7 @@ def main() -> int:
     part_file = partition(reader, args.data, 10, "dirichlet", 0.5)
     part = load_partition(part_file, reader)
     train = TrainConfig(local_epochs=1, batch_size=32, lr=0.05, momentum=0.9)  # = configs/mnist5k_fedavg.yaml
-    info = machine_info()
+    info = machine_info(torch_threads=True)
     started = time.perf_counter()
     whole = whole_run_benchmark(args.data, part_file, args.seed, rounds, reps, train, reader, part)
     comp = component_benchmark(reader, part, args.seed, train, reps=reps)

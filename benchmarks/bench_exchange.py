@@ -49,75 +49,13 @@ import time
 import types
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import MPIRUN, ROOT, machine_info, table, write_result  # first: sets OMP_NUM_THREADS, puts ROOT on sys.path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-RESULTS = ROOT / "benchmarks" / "results"
-BIN = Path(sys.executable).parent
-MPIRUN = str(BIN / "mpirun") if (BIN / "mpirun").exists() else (shutil.which("mpirun") or "mpirun")
 AIM = 1.2
 TAG = 11  # the runner's payload tag
 UNDER_MPI_ENV = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "OSFED_BENCH_UNDER_MPI")
-
-
-# ---------------------------------------------------------------------------------------------
-# shared helpers (each benchmark is a standalone script)
-
-
-def machine_info() -> dict:
-    import torch
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "numpy": np.__version__, "platform": platform.platform()}
-    try:
-        import mpi4py
-        from mpi4py import MPI
-
-        info["mpi4py"] = mpi4py.__version__
-        info["mpi"] = " ".join(MPI.Get_library_version().split("\n")[0].split())
-    except Exception:  # noqa: BLE001 - informational only
-        pass
-    try:
-        info["loadavg_start"] = Path("/proc/loadavg").read_text().split()[:3]
-    except OSError:
-        pass
-    return info
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else f"{c:.4g}" if isinstance(c, float) else str(c)
-                                             for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def write_result(name: str, result: dict, out: Path | None = None) -> Path:
-    """Full runs go to benchmarks/results/<name>.json; quick runs (smoke checks) to a temp file,
-    so they never overwrite the recorded figures, unless --out says otherwise."""
-    quick_path = Path(tempfile.gettempdir()) / "osfed-bench" / f"{name}.quick.json"
-    path = out or (quick_path if result.get("quick") else RESULTS / f"{name}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        result["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
-    except OSError:
-        pass
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +375,7 @@ def under_mpi(args) -> int:
     import torch
 
     torch.set_num_threads(1)
-    info = machine_info() if rank == 0 else None
+    info = machine_info(mpi="library") if rank == 0 else None
     checks: dict = {}
     started = time.perf_counter()
     fedavg_clients = args.fedavg_clients or (10 if args.quick else 60)

@@ -35,84 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import MPIRUN, ROOT, dataset, machine_info, partition, table, write_result  # first: sets OMP_NUM_THREADS, puts ROOT on sys.path
 
-RESULTS = ROOT / "benchmarks" / "results"
-BIN = Path(sys.executable).parent
-MPIRUN = str(BIN / "mpirun") if (BIN / "mpirun").exists() else (shutil.which("mpirun") or "mpirun")
 MODEL_SHAPES = {"cnn": (1, 28, 10), "resnet18_gn": (3, 224, 1000)}  # channels, side, classes
 MiB = 2**20
-
-
-# ---------------------------------------------------------------------------------------------
-# shared helpers (each benchmark is a standalone script)
-
-
-def machine_info() -> dict:
-    import numpy as np
-    import torch
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "numpy": np.__version__, "platform": platform.platform()}
-    try:
-        info["memory_total_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        info["loadavg_start"] = Path("/proc/loadavg").read_text().split()[:3]
-    except (OSError, ValueError):
-        pass
-    return info
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else f"{c:.4g}" if isinstance(c, float) else str(c)
-                                             for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def write_result(name: str, result: dict, out: Path | None = None) -> Path:
-    """Full runs go to benchmarks/results/<name>.json; quick runs (smoke checks) to a temp file,
-    so they never overwrite the recorded figures, unless --out says otherwise."""
-    quick_path = Path(tempfile.gettempdir()) / "osfed-bench" / f"{name}.quick.json"
-    path = out or (quick_path if result.get("quick") else RESULTS / f"{name}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        result["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
-    except OSError:
-        pass
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
-    return path
-
-
-def dataset(path: Path):
-    from osfed_hpc.data import DatasetReader, prepare_dataset
-
-    if not (path / "dataset.json").exists():
-        prepare_dataset("mnist5k", path, progress=False)
-    return DatasetReader(path)
-
-
-def partition(reader, path: Path, clients: int, scheme: str, alpha: float, seed: int = 0) -> Path:
-    from osfed_hpc.data import make_partition
-
-    name = f"bench-{scheme}-n{clients}" + (f"-a{alpha:g}" if scheme == "dirichlet" else "") + f"-s{seed}.npz"
-    file = path / "partitions" / name
-    if not file.exists():
-        make_partition(reader, clients, scheme, alpha, seed, min_samples=1, allow_small=True).save(file)
-    return file
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +144,7 @@ def main() -> int:
         print(json.dumps(store_case(model, int(clients), storage)))
         return 0
     counts = [int(c) for c in args.clients.split(",")]
-    info = machine_info()
+    info = machine_info(memory=True)
     started = time.perf_counter()
 
     store_specs = [(m, n, "memory") for m in MODEL_SHAPES for n in counts]

@@ -121,6 +121,8 @@ class RuntimeConfig:
     threads: int = 0
     #: none or bf16 autocast for local training (synthesis and decoding always run in fp32)
     amp: str = "none"
+    #: channels-last (NHWC) conv weights and inputs; the flat model vector follows that layout
+    channels_last: bool = False
     #: checkpoint every N rounds (0 = only at the end and on SIGUSR1/SIGTERM)
     checkpoint_every: int = 0
     #: where per-client state (residuals) lives: memory, or disk (files under state_dir)

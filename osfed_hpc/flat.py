@@ -21,10 +21,16 @@ class FlatModel:
     statistics), which is the same on every rank because the model is built from the same config.
     Integer buffers (``num_batches_tracked``) stay outside: they carry no learned state the
     federation needs.
+
+    ``channels_last=True`` lays every 4-D tensor (conv weights) out as N, H, W, C inside the flat
+    vector and gives the parameter channels-last strides, which convolutions run faster with on
+    GPUs (and CPUs). The flat vector is then in that physical order, so anything that flattens a
+    per-parameter tensor (a gradient) must go through ``flatten`` to line up with it.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, channels_last: bool = False) -> None:
         self.model = model
+        self.channels_last = channels_last
         params = [(n, p) for n, p in model.named_parameters()]
         buffers = [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
         device = params[0][1].device if params else torch.device("cpu")
@@ -34,11 +40,29 @@ class FlatModel:
         self.param_names = [n for n, _ in params]
         self.buffer_names = [n for n, _ in buffers]
         offset = 0
+        self._nhwc = [self._is_nhwc(p) for _, p in params]
         for _, tensor in params + buffers:
-            view = self.vector[offset : offset + tensor.numel()].view_as(tensor)
+            chunk = self.vector[offset : offset + tensor.numel()]
+            if self._is_nhwc(tensor):
+                n, c, h, w = tensor.shape
+                view = chunk.view(n, h, w, c).permute(0, 3, 1, 2)
+            else:
+                view = chunk.view_as(tensor)
             view.copy_(tensor.data)
             tensor.data = view
             offset += tensor.numel()
+
+    def _is_nhwc(self, tensor: torch.Tensor) -> bool:
+        return self.channels_last and tensor.dim() == 4
+
+    def flatten(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-parameter tensors (e.g. gradients, in ``parameters()`` order) as 1-D pieces in the
+        flat vector's layout: concatenated, they line up with ``params_vector``."""
+        return [t.permute(0, 2, 3, 1).reshape(-1) if nhwc else t.reshape(-1) for t, nhwc in zip(tensors, self._nhwc)]
+
+    def to_input_format(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs in the memory format the model's convolutions expect."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     @property
     def numel(self) -> int:
@@ -68,11 +92,8 @@ class FlatModel:
 
     def flat_grad(self) -> torch.Tensor:
         """Concatenate ``.grad`` of all parameters (zeros where a parameter got none)."""
-        grads = [
-            p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)
-            for p in self.model.parameters()
-        ]
-        return torch.cat(grads)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.model.parameters()]
+        return torch.cat(self.flatten(grads))
 
     def sha256(self) -> str:
         return state_sha256(self.vector)

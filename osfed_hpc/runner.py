@@ -199,7 +199,7 @@ class Runner:
     def _new_model(self) -> FlatModel:
         c, h, _ = self.inputs.input_shape
         net = build_model(self.config.model.name, c, h, self.inputs.reader.num_classes, seed=self.config.seed)
-        return FlatModel(net.to(self.device))
+        return FlatModel(net.to(self.device), channels_last=self.config.runtime.channels_last)
 
     def _new_algorithm(self, model: FlatModel) -> Algorithm:
         env = Environment(
@@ -456,7 +456,7 @@ class Runner:
         count = 0
         with torch.no_grad():
             for x, y in self.eval_data.eval_batches(self.config.eval.batch_size):
-                logits = net(x)
+                logits = net(self.server_model.to_input_format(x))
                 loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
                 correct += (logits.argmax(1) == y).sum()
                 count += y.numel()

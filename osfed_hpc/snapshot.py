@@ -183,7 +183,7 @@ def parameter_gradients(
     params = list(net.parameters())
     trainable = [p for p in params if p.requires_grad]
     with torch.enable_grad():
-        logits = net(as_grid(grid)(snapshots))
+        logits = net(model.to_input_format(as_grid(grid)(snapshots)))
         loss = F.cross_entropy(logits, labels)
         grads = iter(torch.autograd.grad(loss, trainable, create_graph=create_graph, materialize_grads=True))
     return [next(grads) if p.requires_grad else torch.zeros_like(p) for p in params]
@@ -201,7 +201,7 @@ def synthetic_gradient(
     Client and server call exactly this function, so on the same device class the decoded
     gradient is bitwise the client's.
     """
-    return torch.cat([g.reshape(-1) for g in parameter_gradients(model, snapshots, labels, grid, create_graph)])
+    return torch.cat(model.flatten(parameter_gradients(model, snapshots, labels, grid, create_graph)))
 
 
 @contextlib.contextmanager
@@ -317,7 +317,7 @@ def synthesize(
 
     def objective(s: torch.Tensor, y: torch.Tensor, create_graph: bool) -> torch.Tensor:
         # per-tensor dot products: concatenating g (and splitting its gradient) costs ~10% at ResNet scale
-        grads = [g.reshape(-1) for g in parameter_gradients(model, s, y, grid, create_graph)]
+        grads = model.flatten(parameter_gradients(model, s, y, grid, create_graph))
         dots = torch.stack([torch.dot(g, t) for g, t in zip(grads, pieces)])
         squares = torch.stack([torch.dot(g, g) for g in grads])
         if config.per_tensor_scales:

@@ -3,6 +3,7 @@ full-batch gradient descent on the union of the clients' data (weights = sample 
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -20,14 +21,15 @@ def _env(model, train):
                        device=torch.device("cpu"), seed=0)
 
 
-def test_one_round_equals_full_batch_gradient_descent():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_one_round_equals_full_batch_gradient_descent(channels_last):
     torch.manual_seed(0)
     sizes = [7, 19, 30]
     xs = [torch.randn(n, 1, 8, 8) for n in sizes]
     ys = [torch.randint(0, 10, (n,)) for n in sizes]
     train = replace(TrainConfig(), lr=0.1, momentum=0.0, local_steps=1, batch_size=max(sizes))
-    worker = FlatModel(build_model("cnn", 1, 8, 10, seed=3))
-    server = FlatModel(build_model("cnn", 1, 8, 10, seed=3))
+    worker = FlatModel(build_model("cnn", 1, 8, 10, seed=3), channels_last=channels_last)
+    server = FlatModel(build_model("cnn", 1, 8, 10, seed=3), channels_last=channels_last)
     start = server.vector.clone()
     client_algo, server_algo = FedAvg(FedAvg.Options(), _env(worker, train)), FedAvg(FedAvg.Options(), _env(server, train))
     server_algo.server_begin(1)
@@ -39,7 +41,7 @@ def test_one_round_equals_full_batch_gradient_descent():
         server_algo.server_accumulate(cid, Payload.unpack(result.payload.pack()), float(len(y)))
     federated = server_algo.server_finish()
 
-    reference = FlatModel(build_model("cnn", 1, 8, 10, seed=3))
+    reference = FlatModel(build_model("cnn", 1, 8, 10, seed=3), channels_last=channels_last)
     net = reference.model
     loss = F.cross_entropy(net(torch.cat(xs)), torch.cat(ys))  # mean over the union = sample-weighted
     loss.backward()

@@ -37,9 +37,10 @@ def make_data(seed: int, n: int = 48, channels: int = 1) -> TinyData:
     return TinyData(patterns[y] + 0.5 * torch.randn(n, channels, SIZE, SIZE, generator=gen), y)
 
 
-def make_env(model: str = "cnn", channels: int = 1, seed: int = 0, server_lr: float = 1.0) -> Environment:
+def make_env(model: str = "cnn", channels: int = 1, seed: int = 0, server_lr: float = 1.0,
+             channels_last: bool = False) -> Environment:
     net = build_model(model, channels, SIZE, CLASSES, seed=seed)
-    return Environment(model=FlatModel(net), train=TrainConfig(), num_classes=CLASSES,
+    return Environment(model=FlatModel(net, channels_last=channels_last), train=TrainConfig(), num_classes=CLASSES,
                        input_shape=(channels, SIZE, SIZE), device=torch.device("cpu"), seed=seed, server_lr=server_lr)
 
 
@@ -138,6 +139,29 @@ def test_server_decodes_the_clients_direction_bitwise(options):
     scale, direction = server.decode(1, Payload.unpack(encoding.payload.pack()))
     assert torch.equal(direction, encoding.direction)
     assert scale == encoding.scale and np.float32(scale) == scale
+    assert encoding.stats["cos"] > encoding.stats["cos_init"]
+
+
+def test_channels_last_layout_decodes_bitwise_and_matches_the_standard_layout():
+    """With channels-last conv weights the flat vector is NHWC-ordered; gradients must follow it."""
+    standard, nhwc, server = make_env(), make_env(channels_last=True), make_env(channels_last=True)
+    assert standard.model.model.features[0].weight.is_contiguous()
+    assert nhwc.model.model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    data = make_data(3)
+    tau = true_update(nhwc, data)
+    # the same local training in the standard layout gives the same update, up to the reordering
+    reference = true_update(standard, data)
+    first = nhwc.model.model.features[0].weight
+    n = first.numel()
+    torch.testing.assert_close(tau[:n].view(first.shape[0], *first.shape[2:], first.shape[1]).permute(0, 3, 1, 2),
+                               reference[:n].view_as(first), rtol=1e-4, atol=1e-6)
+    options = OSFed.Options(**FAST)
+    encoding = OSFed(options, nhwc).compress(tau, make_ctx(data))
+    decoder = OSFed(options, server)
+    decoder.server_begin(0)
+    scale, direction = decoder.decode(1, Payload.unpack(encoding.payload.pack()))
+    assert torch.equal(direction, encoding.direction)
+    assert abs(cos(encoding.residual, encoding.direction)) < 1e-3  # EF identity holds in NHWC order
     assert encoding.stats["cos"] > encoding.stats["cos_init"]
 
 

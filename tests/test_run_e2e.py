@@ -224,3 +224,19 @@ def test_bf16_autocast_runs_and_changes_the_numerics(digits_dir, tmp_path):
     result = osfed("run", *small_run_overrides(digits_dir, bf16, rounds=1), "runtime.amp=bf16")
     assert result.returncode == 0, result.stderr
     assert summary(bf16)["model_sha256"] != summary(fp32)["model_sha256"]
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "osfed"])
+def test_channels_last_run_trains_the_same_model(digits_dir, tmp_path, algorithm):
+    """runtime.channels_last=true changes the memory layout, not the model (up to float rounding)."""
+    import torch
+
+    standard, nhwc = tmp_path / "standard", tmp_path / "nhwc"
+    assert osfed("run", *small_run_overrides(digits_dir, standard, algorithm, rounds=1)).returncode == 0
+    result = osfed("run", *small_run_overrides(digits_dir, nhwc, algorithm, rounds=1), "runtime.channels_last=true")
+    assert result.returncode == 0, result.stderr
+    a = torch.load(standard / "model.pt", weights_only=True)
+    b = torch.load(nhwc / "model.pt", weights_only=True)
+    assert b["features.0.weight"].is_contiguous(memory_format=torch.channels_last)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-5)

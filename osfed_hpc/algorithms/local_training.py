@@ -64,7 +64,7 @@ def local_sgd(
         generator, train.batch_size, epochs=train.local_epochs, steps=train.local_steps
     ):
         with autocast(device, autocast_dtype):
-            loss = F.cross_entropy(net(x), y)
+            loss = F.cross_entropy(net(model.to_input_format(x)), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if train.grad_clip:
