@@ -26,8 +26,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
-import platform
 import signal
 import statistics
 import sys

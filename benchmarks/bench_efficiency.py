@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import shutil
 import statistics
 import subprocess
 import sys

@@ -37,19 +37,15 @@ Never asserts a timing; writes ``benchmarks/results/exchange.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import types
 from pathlib import Path
 
-from common import MPIRUN, ROOT, machine_info, table, write_result  # first: sets OMP_NUM_THREADS, puts ROOT on sys.path
+from common import MPIRUN, machine_info, table, write_result  # first: sets OMP_NUM_THREADS, puts ROOT on sys.path
 
 import numpy as np
 
