@@ -87,7 +87,7 @@ class World:
             self.wait(self.comm.Ibarrier())
 
     # collectives ---------------------------------------------------------------------------
-    def bcast(self, array: np.ndarray, root: int = 0) -> np.ndarray:
+    def bcast_buffer(self, array: np.ndarray, root: int = 0) -> np.ndarray:
         """Broadcast a contiguous array in place (every rank passes a buffer of the same shape)."""
         if self.size > 1:
             self.wait(self.comm.Ibcast(array, root=root))

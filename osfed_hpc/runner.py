@@ -117,11 +117,11 @@ def _prepare_inputs_on_root(config: Config, world: World, run_dir: Path, resume:
 def _agree(world: World, error: str | None) -> None:
     """Rank 0 tells every rank whether setup succeeded; all stop together, no rank left waiting."""
     message = np.frombuffer((error or "").encode(), dtype=np.uint8)
-    length = world.bcast(np.array([len(message)], dtype=np.int64))
+    length = world.bcast_buffer(np.array([len(message)], dtype=np.int64))
     if length[0] == 0:
         return
     buffer = message.copy() if world.is_server else np.empty(int(length[0]), dtype=np.uint8)
-    world.bcast(buffer)
+    world.bcast_buffer(buffer)
     raise AgreedStop(bytes(buffer).decode())
 
 
@@ -137,9 +137,9 @@ def setup_inputs(config: Config, world: World, run_dir: Path, resume: bool) -> I
     if world.size > 1:
         part = np.frombuffer(str(config.data.partition or "").encode(), dtype=np.uint8)
         _agree(world, error)
-        length = world.bcast(np.array([part.size], dtype=np.int64))
+        length = world.bcast_buffer(np.array([part.size], dtype=np.int64))
         buffer = part.copy() if world.is_server else np.empty(int(length[0]), dtype=np.uint8)
-        config.data.partition = bytes(world.bcast(buffer)).decode()
+        config.data.partition = bytes(world.bcast_buffer(buffer)).decode()
     elif error:
         raise RunError(error)
     reader = DatasetReader(config.data.path)
@@ -277,7 +277,7 @@ class Runner:
 
     def _broadcast_stop(self) -> bool:
         flag = np.array([int(self.stop_requested)], dtype=np.int64)
-        return bool(self.world.bcast(flag)[0])
+        return bool(self.world.bcast_buffer(flag)[0])
 
     def _round(self, round_: int) -> None:
         world = self.world
@@ -309,10 +309,10 @@ class Runner:
             return self.server_model.vector.clone()
         model = self.server_model if world.is_server else self.worker_model
         if self.device.type == "cpu":
-            world.bcast(model.vector.numpy())  # straight into the model's memory
+            world.bcast_buffer(model.vector.numpy())  # straight into the model's memory
         else:
             host = model.vector.cpu().numpy() if world.is_server else np.empty(model.numel, np.float32)
-            world.bcast(host)
+            world.bcast_buffer(host)
             if world.is_worker:
                 model.load_(torch.from_numpy(host).to(self.device, non_blocking=False))
         return model.vector.clone() if world.is_worker else model.vector
