@@ -9,6 +9,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 USER_ERROR_EXIT = 2
@@ -115,6 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         # bad input seen by one rank only: the others would wait for it forever
         print(f"[rank {world.rank}/{world.size}] osfed-hpc run: error: {exc}", file=sys.stderr, flush=True)
+        time.sleep(1.0)  # let the launcher forward the message before Abort tears its pipes down
         world.abort(USER_ERROR_EXIT)
     if status == "stopped" and world.is_server:
         print(f"[osfed-hpc] stopped after a checkpoint; resume with: osfed-hpc run --resume {run_dir}", flush=True)

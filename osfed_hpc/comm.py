@@ -20,6 +20,7 @@ import numpy as np
 
 _POLL_SLEEP_S = 2e-4
 _BLOCKING_WAIT = os.environ.get("OSFED_BLOCKING_WAIT") == "1"
+_ABORT_GRACE_S = 1.0
 #: exception types that describe bad input, printed without a traceback
 USER_ERRORS = {"ConfigError", "DataError", "RunError", "CheckpointError"}
 
@@ -95,14 +96,6 @@ class World:
                 self.counter.sent += array.nbytes * (self.size - 1)
         return array
 
-    def allreduce_max(self, value: float) -> float:
-        if self.size == 1:
-            return value
-        send = np.array([value], dtype=np.float64)
-        recv = np.empty_like(send)
-        self.wait(self.comm.Iallreduce(send, recv, op=_mpi().MAX))
-        return float(recv[0])
-
     def gatherv_bytes(self, data: np.ndarray, root: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
         """Gather variable-length uint8 buffers on ``root``; returns (all bytes, per-rank counts) there."""
         data = np.ascontiguousarray(data, dtype=np.uint8)
@@ -176,6 +169,9 @@ def install_abort_hook(world: World) -> None:
         sys.stderr.write(f"[rank {world.rank}/{world.size}] error: {text}")
         sys.stderr.flush()
         if world.size > 1:
+            # the launcher forwards our stderr through a pipe; Abort tears that down at once, and
+            # without a moment to drain it the one message that says what went wrong can be lost
+            time.sleep(_ABORT_GRACE_S)
             world.abort(1)
         else:
             os._exit(1)

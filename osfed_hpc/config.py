@@ -280,33 +280,35 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty file -> {}); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} {str(path)!r} must hold a mapping at the top level")
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML file (or start from defaults when ``path`` is None), apply overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
-    raw = apply_overrides(raw, list(overrides))
+    raw = read_yaml_mapping(path) if path is not None else {}
+    return config_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from a raw mapping (``algorithm`` may be a bare name)."""
+    raw = dict(raw)
     algorithm = raw.get("algorithm", {"name": "fedavg"})
     if isinstance(algorithm, str):
         algorithm = {"name": algorithm}
     if not isinstance(algorithm, dict):
         raise ConfigError("config key 'algorithm' must be a mapping with a 'name'")
-    algorithm.setdefault("name", "fedavg")
-    raw["algorithm"] = algorithm
-    config = _build(Config, raw, "")
-    config.validate()
-    return config
-
-
-def config_from_dict(raw: dict[str, Any]) -> Config:
+    raw["algorithm"] = {"name": "fedavg", **algorithm}
     config = _build(Config, raw, "")
     config.validate()
     return config

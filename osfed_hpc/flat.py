@@ -37,8 +37,6 @@ class FlatModel:
         self.param_numel = sum(p.numel() for _, p in params)
         self.buffer_numel = sum(b.numel() for _, b in buffers)
         self.vector = torch.empty(self.param_numel + self.buffer_numel, dtype=torch.float32, device=device)
-        self.param_names = [n for n, _ in params]
-        self.buffer_names = [n for n, _ in buffers]
         offset = 0
         self._nhwc = [self._is_nhwc(p) for _, p in params]
         for _, tensor in params + buffers:
@@ -72,17 +70,6 @@ class FlatModel:
     def params_vector(self) -> torch.Tensor:
         """The parameter part of the flat state (what gradients and snapshot updates live in)."""
         return self.vector[: self.param_numel]
-
-    @property
-    def buffers_vector(self) -> torch.Tensor:
-        return self.vector[self.param_numel :]
-
-    def params(self) -> dict[str, torch.Tensor]:
-        """Name -> parameter tensor, for ``torch.func.functional_call``."""
-        return dict(self.model.named_parameters())
-
-    def buffers(self) -> dict[str, torch.Tensor]:
-        return dict(self.model.named_buffers())
 
     def load_(self, vector: torch.Tensor) -> None:
         """Set the whole state from another flat vector (one copy, any device)."""

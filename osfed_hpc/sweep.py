@@ -50,7 +50,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, config_from_dict, load_config
+from .config import ConfigError, config_from_dict, load_config, read_yaml_mapping
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 _SWEEP_KEYS = {"base", "name", "out", "set", "axes"}
@@ -137,14 +137,7 @@ def _parse_axis(raw: Any, position: int, source: Path) -> Axis:
 def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     """Parse and check a sweep file (rows are validated later, by :func:`expand`)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep file {str(path)!r} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"sweep file {str(path)!r} must hold a mapping")
+    raw = read_yaml_mapping(path, "sweep file")
     unknown = set(raw) - _SWEEP_KEYS
     if unknown:
         raise ConfigError(f"sweep {path}: unknown keys {sorted(unknown)}; valid: {sorted(_SWEEP_KEYS)}")
@@ -184,7 +177,7 @@ def expand(sweep: Sweep) -> list[Row]:
     """All rows, each a validated config dict with its own ``out`` and ``name``."""
     base: dict[str, Any] = {}
     if sweep.base is not None:
-        base = yaml.safe_load(sweep.base.read_text()) or {}
+        base = read_yaml_mapping(sweep.base, "sweep base config")
     rows = []
     for index, choice in enumerate(itertools.product(*[range(len(a.labels)) for a in sweep.axes])):
         labels = {axis.name: axis.labels[i] for axis, i in zip(sweep.axes, choice)}

@@ -13,6 +13,9 @@ MPIRUN = str(VENV_BIN / "mpirun") if (VENV_BIN / "mpirun").exists() else "mpirun
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+#: the fake SLURM fixtures (fake_slurm, jpeg_data) for the job-script and sweep tests
+pytest_plugins = ["tests.fake_slurm"]
+
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:

@@ -1,5 +1,4 @@
 """Client placement and RNG streams: the two things rank-count invariance rests on."""
-import numpy as np
 
 from osfed_hpc.comm import assign_clients, owner_map
 from osfed_hpc.rng import select_clients, torch_stream

@@ -16,7 +16,7 @@ from osfed_hpc.cli import main
 from osfed_hpc.config import ConfigError, load_config
 from osfed_hpc.data import Partition
 
-from .test_jobs_slurm import JOBS, ROOT, fake_slurm, jpeg_data  # noqa: F401  (fixtures)
+from tests.fake_slurm import JOBS, ROOT
 
 TABLE10 = ROOT / "configs" / "sweeps" / "imagenet1k_table10.yaml"
 PYTHON = sys.executable

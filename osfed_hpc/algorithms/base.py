@@ -11,7 +11,6 @@ memory at one payload and makes the rounding of the sum independent of which ran
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -106,7 +105,3 @@ class Algorithm:
     def load_server_state(self, state: dict[str, np.ndarray]) -> None:
         if state:
             raise ValueError(f"{self.name} keeps no server state, but the checkpoint has {sorted(state)}")
-
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls.Options)]
