@@ -11,9 +11,9 @@ export OMP_NUM_THREADS ?= 1
 
 .PHONY: install demo test bench
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[local-mpi,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[local-mpi,test,demo,report]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(PY) -m osfed_hpc report $(DEMO)/fedavg $(DEMO)/osfed $(DEMO)/sfc3
 
 test: $(STAMP)
+	$(PY) -m ruff check osfed_hpc tests benchmarks
 	$(PY) -m pytest -q -m "not mpi" tests
 	$(MPIRUN) -n $(NP) $(PY) -m pytest -q --with-mpi -m mpi -p no:cacheprovider tests
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .atomic import write_json_atomic
 from .client_state import load_arrays, save_arrays
 from .errors import CheckpointError
 
@@ -26,7 +26,8 @@ FORMAT_VERSION = 1
 KEEP = 2
 #: config keys that may change between a run and its resumption (they do not change the model)
 RESUMABLE_KEYS = ("rounds", "out", "eval", "runtime.checkpoint_every", "runtime.threads",
-                  "runtime.state_dir", "runtime.client_state", "runtime.debug", "data.num_workers")
+                  "runtime.state_dir", "runtime.client_state", "runtime.debug", "runtime.gather_limit_mb",
+                  "data.num_workers")
 
 
 def _drop(config: dict[str, Any], dotted: str) -> None:
@@ -58,15 +59,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def checkpoint_dir(run_dir: Path, round_done: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"round-{round_done:06d}"
 
@@ -92,9 +84,9 @@ def write_server_part(directory: Path, round_done: int, vector: np.ndarray, serv
         "format_version": FORMAT_VERSION, "round": round_done, "model_sha256": model_sha256,
         "config_digest": config_digest(config), "config": config, "files": files, **extra,
     }
-    _atomic_json(directory / "manifest.json", manifest)
+    write_json_atomic(directory / "manifest.json", manifest)
     root = directory.parent
-    _atomic_json(root / "latest.json", {"round": round_done, "dir": directory.name})
+    write_json_atomic(root / "latest.json", {"round": round_done, "dir": directory.name})
     complete = sorted(p for p in root.glob("round-*") if (p / "manifest.json").exists())
     for old in complete[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)

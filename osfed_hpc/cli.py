@@ -16,12 +16,9 @@ USER_ERROR_EXIT = 2
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .errors import RunError
+    from .errors import UserError
 
-    return (ConfigError, DataError, RunError, CheckpointError)
+    return (UserError,)
 
 
 
@@ -61,7 +58,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import run_report
 
-    return run_report(args.runs, args.out)
+    return run_report(args.runs, args.out, target=args.target)
 
 
 def _split_run_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -101,11 +98,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             config_path = str(Path(args.resume) / "config.yaml")
         overrides.append(f"out={args.resume}")
     config = load_config(config_path, overrides)
-    run_dir = resolve_run_dir(config, resume)
-    if not resume and int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and latest_checkpoint(run_dir):
-        resume = True  # SLURM requeued us: continue where the previous allocation stopped
     world = World.from_mpi()
     install_abort_hook(world)
+    # rank 0 names the run directory (a timestamp when out is null) and every rank uses that one
+    run_dir = Path(world.bcast_text(str(resolve_run_dir(config, resume)) if world.is_server else ""))
+    if not resume and int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and latest_checkpoint(run_dir):
+        resume = True  # SLURM requeued us: continue where the previous allocation stopped
     config.out = str(run_dir)
     try:
         status = Runner(config, world, run_dir, resume=resume).run()
@@ -164,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="compare finished runs (accuracy, uplink bytes, ratio to FedAvg)")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", help="also write report.csv, report.md and PNG plots into this folder")
+    p.add_argument("--out", help="also write report.csv, report.md, bytes_to_target.csv and PNG plots into this folder")
+    p.add_argument("--target", metavar="ACC",
+                   help="accuracy for the bytes-to-target table: a fraction (0.85) or a percentage (85, or 0.5%%); "
+                        "default: 90%% of the best FedAvg run's final accuracy")
     p.set_defaults(func=cmd_report)
 
     _add_cluster_commands(sub)

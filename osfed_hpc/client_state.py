@@ -6,21 +6,18 @@ loaded for the client's update and written back right after.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
+from .errors import RunError
+
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write plain arrays atomically (temp file + rename): a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **arrays)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def load_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -30,10 +27,21 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 class ClientStateStore:
-    def __init__(self, directory: str | Path | None = None) -> None:
+    """Client state owned by one run: a fresh run refuses a state directory that already holds
+    client files (another run's residuals would silently become this run's), and a resumed run
+    empties it and restores exactly what its checkpoint holds (files written after that checkpoint,
+    e.g. by a round that crashed, must not survive)."""
+
+    def __init__(self, directory: str | Path | None = None, resume: bool = False) -> None:
         self.directory = Path(directory) if directory else None
         if self.directory:
             self.directory.mkdir(parents=True, exist_ok=True)
+            found = sorted(self.directory.glob("client-*.npz"))
+            if found and not resume:
+                raise RunError(f"runtime.state_dir: {str(self.directory)!r} already holds the state of {len(found)} "
+                               f"clients from another run; remove it or choose an empty directory")
+            for stale in found:
+                stale.unlink()
         self._memory: dict[int, dict[str, np.ndarray]] = {}
 
     def _file(self, client: int) -> Path:
@@ -50,6 +58,8 @@ class ClientStateStore:
             self._memory[client] = state
         elif state:
             save_arrays(self._file(client), state)
+        else:
+            self._file(client).unlink(missing_ok=True)
 
     def clients(self) -> list[int]:
         if self.directory is None:

@@ -21,8 +21,6 @@ import numpy as np
 _POLL_SLEEP_S = 2e-4
 _BLOCKING_WAIT = os.environ.get("OSFED_BLOCKING_WAIT") == "1"
 _ABORT_GRACE_S = 1.0
-#: exception types that describe bad input, printed without a traceback
-USER_ERRORS = {"ConfigError", "DataError", "RunError", "CheckpointError"}
 
 
 def _mpi():
@@ -96,6 +94,15 @@ class World:
                 self.counter.sent += array.nbytes * (self.size - 1)
         return array
 
+    def bcast_text(self, text: str, root: int = 0) -> str:
+        """A short string from ``root`` to every rank (length, then UTF-8 bytes; never pickled)."""
+        if self.size == 1:
+            return text
+        data = np.frombuffer(text.encode(), dtype=np.uint8) if self.rank == root else None
+        length = self.bcast_buffer(np.array([0 if data is None else data.size], dtype=np.int64), root)
+        buffer = data.copy() if self.rank == root else np.empty(int(length[0]), dtype=np.uint8)
+        return bytes(self.bcast_buffer(buffer, root)).decode()
+
     def gatherv_bytes(self, data: np.ndarray, root: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
         """Gather variable-length uint8 buffers on ``root``; returns (all bytes, per-rank counts) there."""
         data = np.ascontiguousarray(data, dtype=np.uint8)
@@ -164,7 +171,9 @@ def install_abort_hook(world: World) -> None:
     def hook(exc_type, exc, tb):
         sys.stdout.flush()
         text = "".join(traceback.format_exception(exc_type, exc, tb))
-        if type(exc).__name__ in USER_ERRORS and os.environ.get("OSFED_TRACEBACK") != "1":
+        from .errors import UserError
+
+        if isinstance(exc, UserError) and os.environ.get("OSFED_TRACEBACK") != "1":
             text = f"{exc}\n"  # bad input: the message says it all, a traceback only hides it
         sys.stderr.write(f"[rank {world.rank}/{world.size}] error: {text}")
         sys.stderr.flush()

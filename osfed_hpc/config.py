@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config problem, always naming the offending key."""
 
 
@@ -54,11 +56,16 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "cnn"
+    #: a local state_dict file (e.g. an earlier run's model.pt) loaded into the model before the
+    #: method adapts it (LoRA freezes it as the backbone); read with weights_only=True, never a hub
+    pretrained: str | None = None
 
     def validate(self) -> None:
         from .models import MODELS
 
         _require(self.name in MODELS, "model.name", self.name, f"one of {sorted(MODELS)}")
+        if self.pretrained is not None:
+            _require(Path(self.pretrained).is_file(), "model.pretrained", self.pretrained, "an existing state_dict file")
 
 
 @dataclass
@@ -95,11 +102,16 @@ class ServerConfig:
     lr: float = 1.0
     #: server momentum (FedAvgM) on the aggregated update, in [0, 1); 0 = plain averaging
     momentum: float = 0.0
+    #: reject a client's update whose norm exceeds this many times the median accepted update norm
+    #: of the previous round (the model's norm in the first round); 0 = only reject NaN/Inf
+    max_update_ratio: float = 100.0
 
     def validate(self) -> None:
         _require(0 < self.sample_fraction <= 1, "server.sample_fraction", self.sample_fraction, "in (0, 1]")
         _require(self.lr > 0 and math.isfinite(self.lr), "server.lr", self.lr, "a number > 0")
         _require(0 <= self.momentum < 1, "server.momentum", self.momentum, "in [0, 1)")
+        _require(self.max_update_ratio >= 0 and math.isfinite(self.max_update_ratio), "server.max_update_ratio",
+                 self.max_update_ratio, "a number >= 0")
 
 
 @dataclass
@@ -130,6 +142,9 @@ class RuntimeConfig:
     state_dir: str | None = None
     #: extra diagnostics (e.g. server-side cosine to the true mean update) that cost time
     debug: bool = False
+    #: payloads of a round are gathered in one collective while they fit in this many MiB on
+    #: rank 0 together, else streamed one at a time (see osfed_hpc.exchange)
+    gather_limit_mb: int = 256
 
     def validate(self) -> None:
         _require(self.device in ("auto", "cpu", "cuda"), "runtime.device", self.device, "auto, cpu or cuda")
@@ -137,6 +152,7 @@ class RuntimeConfig:
         _require(self.amp in ("none", "bf16"), "runtime.amp", self.amp, "none or bf16")
         _require(self.checkpoint_every >= 0, "runtime.checkpoint_every", self.checkpoint_every, ">= 0")
         _require(self.client_state in ("memory", "disk"), "runtime.client_state", self.client_state, "memory or disk")
+        _require(self.gather_limit_mb >= 0, "runtime.gather_limit_mb", self.gather_limit_mb, "an integer >= 0")
 
 
 @dataclass
@@ -160,7 +176,9 @@ class Config:
         _require(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
         for section in (self.data, self.model, self.train, self.server, self.eval, self.runtime):
             section.validate()
-        self.algorithm_options()  # validates the algorithm section
+        # validate the algorithm section and record every option with its default filled in, so
+        # config.yaml and the checkpoint digest say exactly what ran
+        self.algorithm = {"name": self.algorithm["name"], **dataclasses.asdict(self.algorithm_options())}
 
     def algorithm_options(self):
         """The typed options of the selected algorithm (unknown keys are errors)."""
@@ -268,6 +286,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
         path, value = parse_override(text)
+        if path == ["algorithm"] and isinstance(value, str):
+            value = {"name": value}  # switch method; its options may follow as algorithm.key=value
         node = raw
         for part in path[:-1]:
             child = node.get(part)

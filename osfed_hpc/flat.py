@@ -15,12 +15,14 @@ from torch import nn
 
 
 class FlatModel:
-    """A model whose parameters (then its floating-point buffers) are views of ``self.vector``.
+    """A model whose trainable parameters (then its floating-point buffers) are views of ``self.vector``.
 
-    The order is ``named_parameters()`` then floating ``named_buffers()`` (BatchNorm running
-    statistics), which is the same on every rank because the model is built from the same config.
-    Integer buffers (``num_batches_tracked``) stay outside: they carry no learned state the
-    federation needs.
+    The order is ``named_parameters()`` with ``requires_grad`` then floating ``named_buffers()``
+    (BatchNorm running statistics), which is the same on every rank because the model is built
+    from the same config. Frozen parameters (a LoRA run's backbone) stay outside: every rank builds
+    or loads them identically, so they never cross the wire, are never averaged and are not
+    checkpointed (the config that rebuilds them is). Integer buffers (``num_batches_tracked``) stay
+    outside too: they carry no learned state the federation needs.
 
     ``channels_last=True`` lays every 4-D tensor (conv weights) out as N, H, W, C inside the flat
     vector and gives the parameter channels-last strides, which convolutions run faster with on
@@ -31,9 +33,16 @@ class FlatModel:
     def __init__(self, model: nn.Module, channels_last: bool = False) -> None:
         self.model = model
         self.channels_last = channels_last
-        params = [(n, p) for n, p in model.named_parameters()]
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         buffers = [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
-        device = params[0][1].device if params else torch.device("cpu")
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        device = params[0][1].device
+        #: the trainable parameters, in vector order (what gradients and updates refer to)
+        self.params = [p for _, p in params]
+        self.param_names = [n for n, _ in params]
+        #: element counts of every tensor in the vector (parameters, then buffers), in order
+        self.tensor_sizes = [t.numel() for _, t in params + buffers]
         self.param_numel = sum(p.numel() for _, p in params)
         self.buffer_numel = sum(b.numel() for _, b in buffers)
         self.vector = torch.empty(self.param_numel + self.buffer_numel, dtype=torch.float32, device=device)
@@ -53,8 +62,13 @@ class FlatModel:
     def _is_nhwc(self, tensor: torch.Tensor) -> bool:
         return self.channels_last and tensor.dim() == 4
 
+    @property
+    def param_sizes(self) -> list[int]:
+        """Element counts of the trainable parameters, in vector order."""
+        return self.tensor_sizes[: len(self.params)]
+
     def flatten(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-parameter tensors (e.g. gradients, in ``parameters()`` order) as 1-D pieces in the
+        """Per-parameter tensors (e.g. gradients, in ``self.params`` order) as 1-D pieces in the
         flat vector's layout: concatenated, they line up with ``params_vector``."""
         return [t.permute(0, 2, 3, 1).reshape(-1) if nhwc else t.reshape(-1) for t, nhwc in zip(tensors, self._nhwc)]
 
@@ -78,8 +92,8 @@ class FlatModel:
         self.vector.copy_(vector)
 
     def flat_grad(self) -> torch.Tensor:
-        """Concatenate ``.grad`` of all parameters (zeros where a parameter got none)."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.model.parameters()]
+        """Concatenate ``.grad`` of the trainable parameters (zeros where a parameter got none)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         return torch.cat(self.flatten(grads))
 
     def sha256(self) -> str:

@@ -16,6 +16,8 @@ from typing import Any, Iterator
 
 import torch
 
+from .atomic import write_text_atomic
+
 
 class PhaseTimer:
     """Wall seconds per named phase of a round."""
@@ -79,9 +81,7 @@ class MetricsLog:
         if drop:
             with open(self.path.with_suffix(".jsonl.discarded"), "a") as handle:
                 handle.write("\n".join(drop) + "\n")
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in keep))
 
 
 def progress_line(record: dict[str, Any]) -> str:

@@ -6,6 +6,8 @@ normalisation at all) next to the torchvision originals.
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -79,12 +81,38 @@ def _vit(arch: str) -> Callable[[int, int, int], nn.Module]:
         if image_size % 32:
             raise ValueError(f"model.name={arch} needs a resolution divisible by 32, got {image_size}")
         model = getattr(tvm, arch)(weights=None, num_classes=num_classes, image_size=image_size)
-        if in_channels != 3:
-            old = model.conv_proj
-            model.conv_proj = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride)
+        _set_vit_in_channels(model, in_channels)
         return model
 
     return build
+
+
+def _set_vit_in_channels(model: nn.Module, in_channels: int) -> None:
+    """torchvision ViTs hard-code 3 input channels; swap the patch embedding for other inputs."""
+    if in_channels != 3:
+        old = model.conv_proj
+        model.conv_proj = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride)
+
+
+def _vit_tiny(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """A 4-layer, 4-head, 64-wide ViT for small images (MNIST-sized), with a 4x4 patch grid.
+
+    Small enough to train from scratch on a CPU in tests, yet it has the attention/MLP structure
+    LoRA experiments care about. Note torchvision zero-initialises the head, so the untrained
+    model outputs zeros.
+    """
+    from torchvision.models import VisionTransformer
+
+    if image_size < 4 or image_size % 4:
+        raise ValueError(
+            f"model.name=vit_tiny needs an image size divisible by 4 (a 4x4 grid of patches), got {image_size}"
+        )
+    model = VisionTransformer(
+        image_size=image_size, patch_size=image_size // 4, num_layers=4, num_heads=4,
+        hidden_dim=64, mlp_dim=128, num_classes=num_classes,
+    )
+    _set_vit_in_channels(model, in_channels)
+    return model
 
 
 MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
@@ -95,6 +123,7 @@ MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
     "regnet_x_400mf": _regnet,
     "vit_b_32": _vit("vit_b_32"),
     "vit_l_32": _vit("vit_l_32"),
+    "vit_tiny": _vit_tiny,
 }
 
 
@@ -109,3 +138,63 @@ def build_model(name: str, in_channels: int, image_size: int, num_classes: int, 
 
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _name_some(keys: list[str], limit: int = 5) -> str:
+    """At most ``limit`` keys, then how many more: errors stay readable for big models."""
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The tensors in ``path``, or a ValueError saying why the file is not a usable state_dict.
+
+    ``weights_only=True`` so that a checkpoint file cannot run code when loaded.
+    """
+    prefix = f"model.pretrained {path!r}:"
+    if not os.path.isfile(path):
+        raise ValueError(f"{prefix} no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types (pickle, zip, runtime) for bad files
+        raise ValueError(f"{prefix} cannot be read as a torch state_dict ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{prefix} expected a mapping of parameter names to tensors, got {type(state).__name__}")
+    bad = [str(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{prefix} not a mapping of names to tensors; bad entries: {_name_some(bad)}")
+    return dict(state)
+
+
+def _state_dict_problems(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> list[str]:
+    """Missing, unexpected and wrongly shaped keys, each kind named (truncated) once."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [
+        f"{k} (file {tuple(given[k].shape)}, model {tuple(v.shape)})"
+        for k, v in expected.items() if k in given and given[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_name_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_name_some(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatch: {_name_some(shapes)}")
+    return problems
+
+
+def load_pretrained(net: nn.Module, path: str | os.PathLike) -> None:
+    """Load a local state_dict file into ``net`` strictly (every key, every shape).
+
+    Local files only, never a hub: runs happen on compute nodes without network, and a silent
+    partial load would make a "pretrained" run quietly train from random weights. Call it before
+    ``lora.apply_lora`` (wrapping renames the keys). Errors are ``ValueError``s that start with
+    ``model.pretrained '<path>':`` and name the offending keys.
+    """
+    path = os.fspath(path)
+    state = _read_state_dict(path)
+    problems = _state_dict_problems(net.state_dict(), state)
+    if problems:
+        raise ValueError(f"model.pretrained {path!r}: " + "; ".join(problems))
+    net.load_state_dict(state, strict=True)

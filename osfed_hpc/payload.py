@@ -180,7 +180,8 @@ def require(payload: Payload, expected: Mapping[str, tuple[str, tuple[int, ...]]
         array = payload.arrays[name]
         if array.dtype.name != dtype or (shape is not None and tuple(array.shape) != tuple(shape)):
             raise ValueError(
-                f"{context}: payload array {name!r} is {array.dtype.name}{list(array.shape)}, expected {dtype}{list(shape)}"
+                f"{context}: payload array {name!r} is {array.dtype.name}{list(array.shape)}, expected {dtype}"
+                + ("" if shape is None else str(list(shape)))
             )
 
 

@@ -8,7 +8,16 @@ Table 10 (ImageNet-1K, Dirichlet 0.01) has one row per resolution, one column pe
 ``FedAvg / OS-Fed`` top-1 accuracy, and OS-Fed's per-client memory and wall time. Those two come from
 the per-client records of every round (``client_stats``): memory is the largest peak over clients,
 rounds and client counts, because a GPU must hold the worst case; time is the mean over clients and
-rounds of one client's update, because that is what a client pays per round on average.
+rounds of one client's update, because that is what a client pays per round on average. Table 10 is
+only printed when some run has a resolution of at least 64 px (``TABLE10_MIN_RESOLUTION``): the table is
+about ImageNet-scale inputs, and an MNIST or digits comparison would get a meaningless block of 28² rows.
+
+Bytes to target answers "what does it cost to get good enough": the target accuracy is 90 % of the best
+FedAvg run's final accuracy among the reported runs (or ``--target``), and for every run the report gives
+the first evaluated round that reaches it and the cumulative uplink (and uplink + downlink) bytes spent
+by then. Rounds without ``test_accuracy`` are skipped, so runs evaluated every k rounds, or one-shot
+methods evaluated once, are compared on what was measured; a run whose records lack the downlink fields
+(older runs) gets no uplink + downlink figures instead of an error.
 """
 from __future__ import annotations
 
@@ -32,6 +41,16 @@ TABLE10_COLUMNS = ("resolution", "clients", "fedavg_top1", "osfed_top1", "osfed_
                    "osfed_client_peak_memory_bytes", "fedavg_run", "osfed_run")
 #: algorithm names of the two Table-10 columns
 FEDAVG, OSFED = "fedavg", "osfed"
+#: Table 10 is about ImageNet-scale inputs; below this side (px) no run belongs in it
+TABLE10_MIN_RESOLUTION = 64
+BYTES_TO_TARGET_COLUMNS = ("run", "algorithm", "reached", "rounds_to_target", "accuracy_at_target",
+                           "uplink_bytes_at_target", "total_bytes_at_target", "final_accuracy", "uplink_bytes",
+                           "total_bytes", "target_accuracy", "run_dir")
+#: the default target is this fraction of the best FedAvg final accuracy
+DEFAULT_TARGET_FRACTION = 0.9
+#: accuracies are ratios of counts, targets products of floats: 0.9 * 0.8 is 0.7200000000000001, and
+#: an accuracy of exactly 0.72 must count as reaching it; 1e-9 is far below one test sample
+_ACCURACY_TOLERANCE = 1e-9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,8 +159,11 @@ def _fmt(key: str, value: Any) -> str:
         return "-"
     if key == "final_accuracy":
         return f"{100 * value:.2f}%"
-    if key in ("uplink_bytes_per_client_round", "uplink_bytes"):
+    if key in ("uplink_bytes_per_client_round", "uplink_bytes", "uplink_bytes_at_target", "total_bytes_at_target",
+               "total_bytes"):
         return f"{value:,.0f}"
+    if key in ("accuracy_at_target", "target_accuracy"):
+        return f"{100 * value:.2f}%"
     if key == "uplink_ratio_vs_fedavg":
         return f"{value:.1f}x"
     if key in ("gap_to_fedavg_points", "wall_seconds", "client_seconds_mean"):
@@ -167,6 +189,16 @@ def to_csv(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> st
 
 # ---------------------------------------------------------------------------------------------
 # Table 10: rows = resolution, columns = clients, cells = FedAvg / OS-Fed
+
+
+def wants_table10(runs: list[dict[str, Any]]) -> bool:
+    """Whether Table 10 belongs in this report: some run has a resolution >= ``TABLE10_MIN_RESOLUTION``.
+
+    The summary records the resolution but not a dataset family, so the resolution is the honest signal:
+    ImageNet-layout runs are 64 px and up, MNIST / digits runs are 8-28 px and get no Table 10.
+    """
+    return any(isinstance(r.get("resolution"), (int, float)) and r["resolution"] >= TABLE10_MIN_RESOLUTION
+               for r in runs)
 
 
 def table10_cells(runs: list[dict[str, Any]], warn=None) -> list[dict[str, Any]]:
@@ -234,6 +266,209 @@ def _pct(value: float | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# bytes to target: the first evaluated round that reaches a target accuracy, and the bytes spent by then
+
+
+def parse_target(value: str | float) -> float:
+    """A target accuracy as a fraction in (0, 1].
+
+    Values up to 1 are fractions (0.85), larger ones percentages (85 means 0.85), so both ways people
+    write accuracies work; 1 therefore means 100 %. A trailing ``%`` always means a percentage
+    (``0.5%`` is 0.005). Zero, negative, above 100 % and non-numbers are refused: no run can reach
+    them, and a silent empty column would look like a result.
+    """
+    text = str(value).strip()
+    percent = text.endswith("%")
+    try:
+        number = float(text[:-1] if percent else text)
+    except ValueError:
+        raise RunError(f"--target {value!r}: not a number (give 0.85 or 85 for 85 %)") from None
+    if not math.isfinite(number) or number <= 0 or number > 100:
+        raise RunError(f"--target {value!r}: must be above 0 and at most 100 (a fraction up to 1, or a percentage)")
+    return number / 100 if percent or number > 1 else number
+
+
+def best_fedavg(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The FedAvg run with the highest final accuracy (the first given wins a tie); None without one."""
+    fedavg = [r for r in runs if r.get("algorithm") == FEDAVG and _finite(r.get("final_accuracy"))]
+    return max(fedavg, key=lambda r: r["final_accuracy"], default=None)
+
+
+def choose_target(runs: list[dict[str, Any]], override: str | float | None = None) -> tuple[float | None, str]:
+    """The target accuracy and one sentence saying where it comes from (or why there is none).
+
+    The default is relative to FedAvg because "as good as FedAvg, nearly" is the bar a compressed or
+    one-shot method has to clear, and an absolute number would mean something different per dataset.
+    """
+    if override is not None:
+        target = parse_target(override)
+        return target, f"Bytes to target {100 * target:.2f}% test accuracy (--target)."
+    base = best_fedavg(runs)
+    if base is None:
+        return None, ("Bytes to target: skipped, no FedAvg run with a final accuracy to take "
+                      f"{100 * DEFAULT_TARGET_FRACTION:.0f}% of; give --target.")
+    target = DEFAULT_TARGET_FRACTION * base["final_accuracy"]
+    return target, (f"Bytes to target {100 * target:.2f}% test accuracy = {100 * DEFAULT_TARGET_FRACTION:.0f}% of "
+                    f"the best FedAvg final accuracy ({100 * base['final_accuracy']:.2f}%, {base['run']}).")
+
+
+def cumulative_bytes(records: list[dict[str, Any]], direction: str) -> list[float | None]:
+    """Cumulative ``direction`` ("uplink" / "downlink") bytes after each record, None where unknown.
+
+    The runner writes ``<direction>_bytes_total``; where a record lacks it the running sum of the
+    per-round ``<direction>_bytes`` is used, and where both are missing (older runs had no downlink
+    fields) the value is None from there on rather than a guess.
+    """
+    series: list[float | None] = []
+    running: float | None = 0
+    for record in records:
+        total, per_round = record.get(f"{direction}_bytes_total"), record.get(f"{direction}_bytes")
+        if _finite(total):
+            running = total  # ints stay ints: byte counts are exact in the CSV
+        elif running is not None and _finite(per_round):
+            running += per_round
+        else:
+            running = None
+        series.append(running)
+    return series
+
+
+def _sum_or_none(*values: float | None) -> float | None:
+    return None if any(v is None for v in values) else sum(values)
+
+
+def first_reaching(records: list[dict[str, Any]], target: float) -> int | None:
+    """Index of the first record whose ``test_accuracy`` reaches ``target``; rounds without one are skipped.
+
+    The records are taken in file order: a resumed run's metrics.jsonl has been cut back to its
+    checkpoint, so every round appears once and in order.
+    """
+    for index, record in enumerate(records):
+        accuracy = record.get("test_accuracy")
+        if _finite(accuracy) and accuracy >= target - _ACCURACY_TOLERANCE:
+            return index
+    return None
+
+
+def _run_total(run: dict[str, Any], direction: str, series: list[float | None]) -> float | None:
+    """Total bytes of the run: the summary's figure, else the last cumulative value of the records."""
+    value = run.get(f"{direction}_bytes")
+    if _finite(value):
+        return value
+    return series[-1] if series else None
+
+
+def bytes_to_target_row(run: dict[str, Any], target: float) -> dict[str, Any]:
+    """One run's round and bytes at the target, and its final accuracy and total bytes."""
+    records = run.get("_records", [])
+    uplink, downlink = cumulative_bytes(records, "uplink"), cumulative_bytes(records, "downlink")
+    index = first_reaching(records, target)
+    reached = index is not None
+    uplink_total = _run_total(run, "uplink", uplink)
+    return {
+        "run": run["run"], "algorithm": run.get("algorithm"), "reached": reached,
+        "rounds_to_target": records[index].get("round") if reached else None,
+        "accuracy_at_target": records[index]["test_accuracy"] if reached else None,
+        "uplink_bytes_at_target": uplink[index] if reached else None,
+        "total_bytes_at_target": _sum_or_none(uplink[index], downlink[index]) if reached else None,
+        "final_accuracy": run.get("final_accuracy"), "uplink_bytes": uplink_total,
+        "total_bytes": _sum_or_none(uplink_total, _run_total(run, "downlink", downlink)),
+        "target_accuracy": target, "run_dir": run.get("run_dir"),
+    }
+
+
+def bytes_to_target(runs: list[dict[str, Any]], target: float) -> list[dict[str, Any]]:
+    """Rows sorted by uplink bytes at the target, cheapest first; runs that reached it without byte
+    records follow, then the runs that never reached it (each group in the order given)."""
+    def order(row: dict[str, Any]) -> tuple[int, float]:
+        if not row["reached"]:
+            return (2, 0.0)
+        if row["uplink_bytes_at_target"] is None:
+            return (1, 0.0)
+        return (0, row["uplink_bytes_at_target"])
+
+    return sorted((bytes_to_target_row(run, target) for run in runs), key=order)
+
+
+def bytes_to_target_markdown(rows: list[dict[str, Any]], note: str) -> str:
+    """``note`` (where the target comes from), the table, and a line saying what the byte columns are."""
+    columns = ("run", "algorithm", "rounds_to_target", "uplink_bytes_at_target", "total_bytes_at_target",
+               "final_accuracy", "uplink_bytes", "total_bytes")
+    lines = [note, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = ["not reached" if k == "rounds_to_target" and not row["reached"] else _fmt(k, row.get(k))
+                 for k in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Bytes are cumulative at the first evaluated round reaching the target (total = uplink + "
+                  "downlink); '-': not recorded by the run."]
+    return "\n".join(lines)
+
+
+def curve_labels(runs: list[dict[str, Any]]) -> list[str]:
+    """Legend labels: the algorithm, plus the run's label when several runs share that algorithm."""
+    algorithms = [str(r.get("algorithm")) for r in runs]
+    return [a if algorithms.count(a) == 1 else f"{a} ({r['run']})" for a, r in zip(algorithms, runs)]
+
+
+def accuracy_points(records: list[dict[str, Any]], directions: tuple[str, ...]) -> list[tuple[float, float]]:
+    """(cumulative bytes summed over ``directions``, accuracy %) of the evaluated records.
+
+    Points without a byte count, or with zero bytes (a log axis cannot show them), are left out.
+    """
+    series = [cumulative_bytes(records, d) for d in directions]
+    points = []
+    for index, record in enumerate(records):
+        x = _sum_or_none(*(s[index] for s in series))
+        if _finite(record.get("test_accuracy")) and x is not None and x > 0:
+            points.append((x, 100.0 * record["test_accuracy"]))
+    return points
+
+
+def plot_bytes_curves(runs: list[dict[str, Any]], target: float | None, out: Path) -> list[Path]:
+    """accuracy_vs_bytes.png (uplink) and accuracy_vs_total_bytes.png (uplink + downlink), log x axis.
+
+    One solid line per run (the dashed style is taken by the target line, drawn when there is a
+    target); uplink alone is what compression methods save, the total is what the network carries.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = curve_labels(runs)
+    written = []
+    for name, xlabel, directions in (
+        ("accuracy_vs_bytes.png", "cumulative uplink bytes", ("uplink",)),
+        ("accuracy_vs_total_bytes.png", "cumulative uplink + downlink bytes", ("uplink", "downlink")),
+    ):
+        fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+        colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+        drawn = 0
+        for i, (run, label) in enumerate(zip(runs, labels)):
+            points = accuracy_points(run.get("_records", []), directions)
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, "-", marker="o", markersize=3, linewidth=1.2, color=colours(i % colours.N),
+                        label=label)
+                drawn += 1
+        if target is not None:
+            ax.axhline(100.0 * target, color="black", linestyle="--", linewidth=1.0,
+                       label=f"target {100.0 * target:.1f}%")
+        if drawn:
+            ax.set_xscale("log")  # FedAvg and snapshot methods differ by orders of magnitude
+        ax.set_xlabel(xlabel + (" (log scale)" if drawn else ""))
+        ax.set_ylabel("test top-1 accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        if drawn or target is not None:  # outside the axes, as in plot_curves
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=2 if drawn > 12 else 1)
+        path = out / name
+        fig.savefig(path, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
 # plots
 
 
@@ -282,24 +517,44 @@ def plot_curves(runs: list[dict[str, Any]], out: Path) -> list[Path]:
 # the command
 
 
-def run_report(run_dirs: list[str], out: str | None = None) -> int:
-    """Print the comparison (and Table 10 when FedAvg/OS-Fed runs are present); with ``out``, write
-    report.csv, report.md, table10.csv and the PNG plots there."""
+def run_report(run_dirs: list[str], out: str | None = None, target: str | float | None = None) -> int:
+    """Print the comparison, Table 10 (only when some run has a resolution >= 64 px, see
+    ``wants_table10``) and the bytes-to-target table; with ``out``, write report.csv, report.md,
+    table10.csv (with Table 10), bytes_to_target.csv (when there is a target) and the PNG plots there.
+
+    ``target`` (a fraction, or a percentage above 1) replaces the default of 90 % of the best FedAvg
+    final accuracy; it is checked before any run is read, so a typo fails at once.
+    """
+    override = None if target is None else parse_target(target)
     runs = load_runs(expand_run_dirs(run_dirs))
     if not runs:
         raise RunError("no finished runs to report")
     rows = compare(runs)
-    cells = table10_cells(runs)
+    cells = table10_cells(runs) if wants_table10(runs) else []
     text = markdown(rows)
     if cells:
         text += "\n\n" + table10_markdown(cells)
+    goal, note = choose_target(runs, override)
+    targets = bytes_to_target(runs, goal) if goal is not None else []
+    text += "\n\n" + (bytes_to_target_markdown(targets, note) if goal is not None else note)
     print(text)
     if out:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "report.csv").write_text(to_csv(rows, RUN_COLUMNS))
-        (folder / "report.md").write_text(text + "\n")
-        (folder / "table10.csv").write_text(to_csv(cells, TABLE10_COLUMNS))
-        plots = plot_curves(runs, folder)
-        print(f"wrote {out}/report.csv, report.md, table10.csv and {', '.join(p.name for p in plots)}")
+        _write_outputs(Path(out), runs, rows, cells, targets, goal, text)
     return 0
+
+
+def _write_outputs(folder: Path, runs: list[dict[str, Any]], rows: list[dict[str, Any]],
+                   cells: list[dict[str, Any]], targets: list[dict[str, Any]], goal: float | None, text: str) -> None:
+    """The files of ``--out``; a table that was not printed gets no CSV, so no file pretends to a result."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = ["report.csv", "report.md"]
+    (folder / "report.csv").write_text(to_csv(rows, RUN_COLUMNS))
+    (folder / "report.md").write_text(text + "\n")
+    if cells:
+        (folder / "table10.csv").write_text(to_csv(cells, TABLE10_COLUMNS))
+        written.append("table10.csv")
+    if goal is not None:
+        (folder / "bytes_to_target.csv").write_text(to_csv(targets, BYTES_TO_TARGET_COLUMNS))
+        written.append("bytes_to_target.csv")
+    written += [p.name for p in plot_curves(runs, folder) + plot_bytes_curves(runs, goal, folder)]
+    print(f"wrote {', '.join(written)} in {folder}")

@@ -1,13 +1,15 @@
-"""The round loop, for the server (rank 0) and the workers (ranks 1..P-1). Nothing method-specific.
+"""The round loop, for the server (rank 0) and the workers (ranks 1..P-1). Nothing method- or
+transport-specific: it reads as broadcast, work, exchange, fold, log.
 
 One round::
 
-    rank 0: control Bcast (stop flag) -> model Bcast -> fold payloads in client-id order -> log
-    workers:                          -> for each of my selected clients: client_update -> send
+    rank 0:  message = algorithm.server_message(r)
+             control Bcast [stop, exchange mode, model?, message length] -> model Bcast -> message Bcast
+    workers: algorithm.client_begin_round(message); for each of my selected clients: client_update -> send
+    rank 0:  fold the payloads in client-id order as the exchange hands them over -> evaluate -> log
 
-With a single rank, rank 0 plays both parts. Payloads of snapshot methods are small and gathered
-in one ``Gatherv``; weight-sized payloads (FedAvg) are streamed point to point and folded into the
-aggregate as they arrive, so rank 0 never holds more than one of them.
+With a single rank, rank 0 plays both parts. The exchange (in-process, one Gatherv, or streamed)
+is chosen per round from the payload sizes (``osfed_hpc.exchange``).
 """
 from __future__ import annotations
 
@@ -28,20 +30,24 @@ import torch.nn.functional as F
 import yaml
 
 from . import checkpoint as ckpt
-from .algorithms import Algorithm, ClientContext, Environment, get_algorithm
+from .atomic import write_json_atomic, write_text_atomic
+from .algorithms import Algorithm, ClientContext, Environment, ReceivedMessage, ServerMessage, get_algorithm
+from .algorithms.server_optimizer import ServerOptimizer
+from .algorithms.update_guard import UpdateGuard
 from .client_state import ClientStateStore
-from .comm import StreamSender, World, assign_clients, owner_map
+from .comm import World, assign_clients, owner_map
+from .exchange import MODE_NAMES, Exchanges, choose_mode, pack_frame, unpack_frame
 from .config import Config, ConfigError
 from .devices import configure_threads, describe, make_deterministic, select_device
 from .errors import AgreedStop, RunError
 from .flat import FlatModel
 from .metrics import MetricsLog, PhaseTimer, peak_memory_bytes, progress_line, reset_peak_memory
-from .models import build_model
+from .models import build_model, load_pretrained
 from .payload import Payload
 from .rng import select_clients, torch_stream
 
-_PAYLOAD_TAG = 11
-_VELOCITY = "runner.server_velocity"
+#: frame keys of the server message's method data (per-client data uses the client id)
+_COMMON, _DIAGNOSTICS = -1, -2
 _RECORD_HEAD = ("client", "seconds", "peak_memory_bytes", "payload_bytes", "num_samples")
 
 
@@ -116,13 +122,9 @@ def _prepare_inputs_on_root(config: Config, world: World, run_dir: Path, resume:
 
 def _agree(world: World, error: str | None) -> None:
     """Rank 0 tells every rank whether setup succeeded; all stop together, no rank left waiting."""
-    message = np.frombuffer((error or "").encode(), dtype=np.uint8)
-    length = world.bcast_buffer(np.array([len(message)], dtype=np.int64))
-    if length[0] == 0:
-        return
-    buffer = message.copy() if world.is_server else np.empty(int(length[0]), dtype=np.uint8)
-    world.bcast_buffer(buffer)
-    raise AgreedStop(bytes(buffer).decode())
+    message = world.bcast_text(error or "")
+    if message:
+        raise AgreedStop(message)
 
 
 def setup_inputs(config: Config, world: World, run_dir: Path, resume: bool) -> Inputs:
@@ -135,11 +137,8 @@ def setup_inputs(config: Config, world: World, run_dir: Path, resume: bool) -> I
         except ValueError as exc:  # ConfigError, DataError, RunError
             error = str(exc)
     if world.size > 1:
-        part = np.frombuffer(str(config.data.partition or "").encode(), dtype=np.uint8)
         _agree(world, error)
-        length = world.bcast_buffer(np.array([part.size], dtype=np.int64))
-        buffer = part.copy() if world.is_server else np.empty(int(length[0]), dtype=np.uint8)
-        config.data.partition = bytes(world.bcast_buffer(buffer)).decode()
+        config.data.partition = world.bcast_text(str(config.data.partition or ""))
     elif error:
         raise RunError(error)
     reader = DatasetReader(config.data.path)
@@ -174,18 +173,20 @@ class Runner:
         self.options = config.algorithm_options()
         self.stat_names = self.algorithm_cls.client_stat_names
         self.autocast = torch.bfloat16 if config.runtime.amp == "bf16" else None
-        self._frame: np.ndarray | None = None  # the Gatherv send frame, reused across rounds
+        self.exchanges = Exchanges(world, self.owner)
+        self._message_buffer: np.ndarray | None = None  # the message frame, reused across rounds
         if world.is_server:
             self.server_model = self._new_model()
-            self.server_algorithm = self._new_algorithm(self.server_model)
-            self.server_velocity: torch.Tensor | None = None
-            self._receive_buffer: np.ndarray | None = None
+            self.server_optimizer = ServerOptimizer(config.server.lr, config.server.momentum)
+            self.update_guard = UpdateGuard(config.server.max_update_ratio)
+            self.server_algorithm = self._new_algorithm(self.server_model, self.server_optimizer, self.update_guard)
+            self.payload_bytes = self.server_algorithm.payload_size_hint()  # until a round shows the real size
             self.eval_data = self._build_eval_data()
         if world.is_worker:
             self.worker_model = self._new_model()
             self.worker_algorithm = self._new_algorithm(self.worker_model)
-            self.store = ClientStateStore(self._state_dir())
-            self.sender = StreamSender(world, dest=0, tag=_PAYLOAD_TAG)
+            self.replica: torch.Tensor | None = None  # the worker's W_t when the server sends no model
+            self.store = ClientStateStore(self._state_dir(), resume=resume)
             self.train_data = self._build_train_data()
         self.start_round = 1
         if world.is_server:
@@ -198,14 +199,24 @@ class Runner:
     # construction helpers --------------------------------------------------------------------
     def _new_model(self) -> FlatModel:
         c, h, _ = self.inputs.input_shape
-        net = build_model(self.config.model.name, c, h, self.inputs.reader.num_classes, seed=self.config.seed)
+        classes = self.inputs.reader.num_classes
+        net = build_model(self.config.model.name, c, h, classes, seed=self.config.seed)
+        if self.config.model.pretrained:
+            try:
+                load_pretrained(net, self.config.model.pretrained)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        net = self.algorithm_cls.adapt_model(net, self.options, classes, self.config.seed)
         return FlatModel(net.to(self.device), channels_last=self.config.runtime.channels_last)
 
-    def _new_algorithm(self, model: FlatModel) -> Algorithm:
+    def _new_algorithm(self, model: FlatModel, server_optimizer: ServerOptimizer | None = None,
+                       update_guard: UpdateGuard | None = None) -> Algorithm:
         env = Environment(
             model=model, train=self.config.train, num_classes=self.inputs.reader.num_classes,
             input_shape=self.inputs.input_shape, device=self.device, seed=self.config.seed,
-            server_lr=self.config.server.lr, autocast_dtype=self.autocast, debug=self.config.runtime.debug,
+            server_optimizer=server_optimizer or ServerOptimizer(), update_guard=update_guard or UpdateGuard(),
+            num_clients=self.num_clients, autocast_dtype=self.autocast,
+            debug=self.config.runtime.debug,
         )
         try:
             return self.algorithm_cls(self.options, env)
@@ -260,7 +271,7 @@ class Runner:
     def run(self) -> str:
         """Run until ``config.rounds`` or a stop request; returns 'finished' or 'stopped'."""
         if self.world.is_server:
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+            write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         self.wall_start = time.perf_counter()
         for round_ in range(self.start_round, self.config.rounds + 1):
             if self._broadcast_stop():
@@ -276,6 +287,7 @@ class Runner:
         return "finished"
 
     def _broadcast_stop(self) -> bool:
+        """rank 0's stop flag, broadcast at every round boundary so all ranks stop together."""
         flag = np.array([int(self.stop_requested)], dtype=np.int64)
         return bool(self.world.bcast_buffer(flag)[0])
 
@@ -286,27 +298,66 @@ class Runner:
         mpi_before = world.counter.total
         selected = select_clients(self.config.seed, round_, self.num_clients, self.config.server.sample_fraction)
         with timer.phase("broadcast"):
-            global_vector = self._broadcast_model()
-        local_payloads: dict[int, bytes] = {}
+            message, received, mode = self._broadcast(round_, selected)
+        exchange = self.exchanges[mode]
         records = []
         if world.is_worker:
             with timer.phase("local_work"):
-                records, local_payloads = self._work(round_, selected, global_vector)
+                records = self._work(round_, selected, received, exchange)
         if world.is_server:
             with timer.phase("exchange_and_aggregation"):
-                outcome = self._aggregate(round_, selected, local_payloads, timer)
-        if world.is_worker and world.size > 1 and self.algorithm_cls.streams_payloads:
-            self.sender.flush()
+                outcome = self._aggregate(round_, selected, exchange, timer)
+        if world.is_worker:
+            exchange.end_of_round()
         gathered = self._gather_records(records)
         if world.is_server:
+            outcome["downlink"] = self._downlink(message, selected)
+            outcome["exchange"] = MODE_NAMES[mode]
+            self.payload_bytes = int(gathered[:, _RECORD_HEAD.index("payload_bytes")].max(initial=0))
             self._log_round(round_, selected, outcome, gathered, timer, round_start, mpi_before)
 
-    def _broadcast_model(self) -> torch.Tensor:
-        """rank 0's global state -> every worker's replica. Returns W_t on workers (for restores)."""
+    # broadcast ---------------------------------------------------------------------------------
+    def _broadcast(self, round_: int, selected: list[int]) -> tuple[ServerMessage | None, ReceivedMessage | None, int]:
+        """rank 0's message -> every worker: control words, then the model (straight into the
+        replica's memory on CPU), then the method data as one frame. Returns (the message on rank 0,
+        the received message on workers, the exchange mode of this round)."""
+        world = self.world
+        message, frame = None, np.zeros(8, dtype=np.uint8)
+        control = np.zeros(3, dtype=np.int64)
+        if world.is_server:
+            message = self.server_algorithm.server_message(round_)
+            parts = dict(message.per_client)
+            if message.common is not None:
+                parts[_COMMON] = message.common
+            if message.diagnostics is not None:
+                parts[_DIAGNOSTICS] = message.diagnostics
+            frame, self._message_buffer = pack_frame(parts, self._message_buffer)
+            mode = choose_mode(world.size, self.payload_bytes, len(selected),
+                               self.config.runtime.gather_limit_mb * 2**20)
+            control[:] = (mode, int(message.model), frame.size)
+        world.bcast_buffer(control)
+        mode, model_sent, length = (int(v) for v in control)
+        if model_sent:
+            self._broadcast_model()
+        if world.size > 1:
+            if world.is_worker:
+                frame = self._message_buffer = np.empty(length, dtype=np.uint8)
+            world.bcast_buffer(frame)
+        received = None
+        if world.is_worker:
+            if not model_sent and self.replica is not None:
+                self.worker_model.load_(self.replica)
+            received = self._received(round_, bool(model_sent), frame)
+            self.worker_algorithm.client_begin_round(received)
+            self.replica = self.worker_model.vector.clone()
+        return message, received, mode
+
+    def _broadcast_model(self) -> None:
+        """rank 0's trainable state -> every worker's replica."""
         world = self.world
         if world.size == 1:
             self.worker_model.load_(self.server_model.vector)
-            return self.server_model.vector.clone()
+            return
         model = self.server_model if world.is_server else self.worker_model
         if self.device.type == "cpu":
             world.bcast_buffer(model.vector.numpy())  # straight into the model's memory
@@ -315,20 +366,31 @@ class Runner:
             world.bcast_buffer(host)
             if world.is_worker:
                 model.load_(torch.from_numpy(host).to(self.device, non_blocking=False))
-        return model.vector.clone() if world.is_worker else model.vector
 
-    def _work(self, round_: int, selected: list[int], global_vector: torch.Tensor):
-        """Run every selected client this rank hosts, in client-id order."""
-        records, payloads = [], {}
+    @staticmethod
+    def _received(round_: int, model_sent: bool, frame: np.ndarray) -> ReceivedMessage:
+        parts = {key: Payload.unpack(data) for key, data in unpack_frame(frame).items()}
+        return ReceivedMessage(round=round_, model=model_sent, common=parts.pop(_COMMON, None),
+                               diagnostics=parts.pop(_DIAGNOSTICS, None), per_client=parts)
+
+    def _downlink(self, message: ServerMessage, selected: list[int]) -> int:
+        """Logical downlink of the round: what each selected client receives, summed."""
+        model_bytes = 4 * self.server_model.numel
+        return sum(message.downlink_bytes(client, model_bytes) for client in selected)
+
+    # work --------------------------------------------------------------------------------------
+    def _work(self, round_: int, selected: list[int], message: ReceivedMessage, exchange) -> list[list[float]]:
+        """Run every selected client this rank hosts, in client-id order, each from the round's W_t."""
+        records = []
         mine = [c for c in selected if self.owner[c] == self.world.rank]
         for client in mine:
-            self.worker_model.load_(global_vector)
+            self.worker_model.load_(self.replica)
             state = self.store.get(client)
             reset_peak_memory(self.device)
             start = time.perf_counter()
             ctx = ClientContext(client_id=client, round=round_, data=self.train_data[client], state=state,
                                 generator=torch_stream(self.config.seed, "client", round_, client),
-                                seed=self.config.seed)
+                                seed=self.config.seed, message=message)
             try:
                 result = self.worker_algorithm.client_update(ctx)
             except Exception as exc:
@@ -338,64 +400,21 @@ class Runner:
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - start
             self.store.put(client, state)
-            if self.world.size == 1:
-                payloads[client] = result.payload.pack()
-            elif self.algorithm_cls.streams_payloads:
-                self.sender.send(result.payload)
-            else:
-                payloads[client] = result.payload
+            exchange.send(client, result.payload)
             stats = [result.stats.get(name, float("nan")) for name in self.stat_names]
             records.append([client, seconds, peak_memory_bytes(self.device), result.payload.packed_size(),
                             self.train_data[client].num_samples, *stats])
-        if self.world.size > 1 and not self.algorithm_cls.streams_payloads:
-            self._gather_payloads(payloads)
-        return records, ({} if self.world.size > 1 else payloads)
+        exchange.end_of_work()
+        return records
 
-    # exchange --------------------------------------------------------------------------------
-    def _gather_payloads(self, payloads: dict[int, Payload]) -> dict[int, memoryview] | None:
-        """All small payloads to rank 0 in one Gatherv: [count, (client, length) * count, bytes...],
-        each payload packed straight into the frame (reused across rounds)."""
-        sizes = {c: p.packed_size() for c, p in payloads.items()}
-        head = 8 + 16 * len(payloads)
-        total = head + sum(sizes.values())
-        if self._frame is None or self._frame.size < total:
-            self._frame = np.empty(total, dtype=np.uint8)
-        frame = self._frame[:total]
-        frame[:8].view(np.int64)[0] = len(payloads)
-        frame[8:head].view(np.int64)[:] = np.array([[c, n] for c, n in sizes.items()], dtype=np.int64).reshape(-1)
-        position = head
-        for client, payload in payloads.items():
-            position += payload.pack_into(frame[position : position + sizes[client]])
-        gathered = self.world.gatherv_bytes(frame)
-        if gathered is None:
-            return None
-        data, counts = gathered
-        result: dict[int, memoryview] = {}
-        offset = 0
-        for count in counts:
-            segment = memoryview(data[offset : offset + count])
-            offset += int(count)
-            n = int(np.frombuffer(segment[:8], dtype=np.int64)[0])
-            table = np.frombuffer(segment[8 : 8 + 16 * n], dtype=np.int64).reshape(n, 2)
-            position = 8 + 16 * n
-            for client, length in table:
-                result[int(client)] = segment[position : position + int(length)]
-                position += int(length)
-        return result
-
-    def _aggregate(self, round_: int, selected: list[int], local: dict[int, bytes], timer: PhaseTimer) -> dict:
+    # fold --------------------------------------------------------------------------------------
+    def _aggregate(self, round_: int, selected: list[int], exchange, timer: PhaseTimer) -> dict:
         """Fold payloads into the new global model, strictly in client-id order."""
         algorithm = self.server_algorithm
+        self.update_guard.begin_round(float(self.server_model.vector.double().norm()))
         algorithm.server_begin(round_)
-        if self.world.size > 1 and not self.algorithm_cls.streams_payloads:
-            local = self._gather_payloads({})
         uplink, rejected, server_stats = 0, [], {}
-        for client in selected:
-            if self.world.size == 1 or not self.algorithm_cls.streams_payloads:
-                data = local[client]
-            else:  # one reused receive buffer: the previous payload has been folded in already
-                data = self._receive_buffer = self.world.recv_bytes(self.owner[client], _PAYLOAD_TAG,
-                                                                    into=self._receive_buffer)
+        for client, data in exchange.receive(selected):
             uplink += len(data)
             start = time.perf_counter()
             try:
@@ -410,6 +429,7 @@ class Runner:
                 print(f"[osfed-hpc] warning: rejected payload of client {client} in round {round_}: {exc}",
                       file=sys.stderr, flush=True)
             timer.seconds["aggregation"] = timer.seconds.get("aggregation", 0.0) + time.perf_counter() - start
+        self.update_guard.end_round()
         start = time.perf_counter()
         new_vector = algorithm.server_finish()
         if not torch.isfinite(new_vector).all():
@@ -417,26 +437,10 @@ class Runner:
                   file=sys.stderr, flush=True)
             rejected = list(selected)
         else:
-            self.server_model.load_(self._server_momentum(new_vector))
+            self.server_model.load_(new_vector)
         timer.seconds["aggregation"] = timer.seconds.get("aggregation", 0.0) + time.perf_counter() - start
         return {"uplink": uplink, "rejected": rejected,
                 "server_stats": {k: float(np.mean(v)) for k, v in server_stats.items()}}
-
-    def _server_momentum(self, new_vector: torch.Tensor) -> torch.Tensor:
-        """FedAvgM (Hsu et al., 2019): v <- beta v + (W_new - W_t); W_{t+1} = W_t + v, on the
-        parameters. It averages the per-round noise of compressed updates over ~1/(1-beta) rounds;
-        beta = 0 (default) leaves the algorithm's model untouched."""
-        beta = self.config.server.momentum
-        if beta == 0:
-            return new_vector
-        n = self.server_model.param_numel
-        delta = new_vector[:n] - self.server_model.params_vector
-        if self.server_velocity is None:
-            self.server_velocity = torch.zeros_like(delta)
-        self.server_velocity.mul_(beta).add_(delta)
-        new_vector = new_vector.clone()
-        new_vector[:n] = self.server_model.params_vector + self.server_velocity
-        return new_vector
 
     def _gather_records(self, records: list[list[float]]) -> np.ndarray | None:
         width = len(_RECORD_HEAD) + len(self.stat_names)
@@ -463,8 +467,7 @@ class Runner:
         return float(correct) / max(count, 1), float(loss) / max(count, 1)
 
     def _log_round(self, round_, selected, outcome, table, timer, round_start, mpi_before) -> None:
-        n_sel = len(selected)
-        downlink = self.server_model.numel * 4 * n_sel
+        downlink = outcome["downlink"]
         self.totals["uplink"] += outcome["uplink"]
         self.totals["downlink"] += downlink
         self.totals["rejected"] += len(outcome["rejected"])
@@ -496,7 +499,7 @@ class Runner:
         record.update(
             uplink_bytes=outcome["uplink"], uplink_bytes_total=self.totals["uplink"],
             downlink_bytes=downlink, downlink_bytes_total=self.totals["downlink"],
-            mpi_bytes=mpi_bytes, rejected=len(outcome["rejected"]), rejected_clients=outcome["rejected"],
+            mpi_bytes=mpi_bytes, exchange=outcome["exchange"], rejected=len(outcome["rejected"]), rejected_clients=outcome["rejected"],
             seconds={k: round(v, 6) for k, v in seconds.items()},
             client_stats={name: [float(v) for v in columns[name]] for name in _RECORD_HEAD[1:] + tuple(self.stat_names)},
             server_stats=outcome["server_stats"],
@@ -507,7 +510,9 @@ class Runner:
 
     # checkpoint / resume ---------------------------------------------------------------------
     def _checkpoint(self, round_done: int) -> None:
-        if round_done < self.start_round:
+        """Write checkpoint ``round_done`` unless it is the one this run resumed from. A stop before
+        the first round writes round 0 (the initial state), so the directory is resumable."""
+        if 0 < round_done < self.start_round:
             return
         directory = ckpt.checkpoint_dir(self.run_dir, round_done)
         if self.world.is_server:
@@ -526,8 +531,8 @@ class Runner:
 
     def _server_state(self) -> dict[str, np.ndarray]:
         state = dict(self.server_algorithm.server_state())
-        if self.server_velocity is not None:
-            state[_VELOCITY] = self.server_velocity.cpu().numpy()
+        state.update(self.server_optimizer.state())
+        state.update(self.update_guard.state())
         return state
 
     def _wall(self) -> float:
@@ -535,14 +540,21 @@ class Runner:
 
     def _restore(self, directory: Path) -> None:
         checkpoint = ckpt.Checkpoint(directory, self.config.to_dict())
+        if checkpoint.round > self.config.rounds:
+            raise RunError(f"cannot resume {str(self.run_dir)!r} with rounds={self.config.rounds}: it has already "
+                           f"done {checkpoint.round} rounds (give rounds >= {checkpoint.round})")
         vector, server_state = checkpoint.server()
+        model = self.server_model if self.world.is_server else self.worker_model
+        if vector.shape != (model.numel,):
+            raise ckpt.CheckpointError(f"checkpoint {directory}: model has {vector.size} values, "
+                                       f"expected {model.numel}")
+        if self.world.is_worker:  # the replica methods that send no model continue from
+            self.worker_model.load_(torch.from_numpy(vector).to(self.device))
+            self.replica = self.worker_model.vector.clone()
         if self.world.is_server:
-            if vector.shape != (self.server_model.numel,):
-                raise ckpt.CheckpointError(f"checkpoint {directory}: model has {vector.size} values, "
-                                           f"expected {self.server_model.numel}")
             self.server_model.load_(torch.from_numpy(vector).to(self.device))
-            velocity = server_state.pop(_VELOCITY, None)
-            self.server_velocity = None if velocity is None else torch.from_numpy(velocity).to(self.device)
+            self.server_optimizer.load_state(server_state, self.device)
+            self.update_guard.load_state(server_state)
             self.server_algorithm.load_server_state(server_state)
             self.log.truncate_after(checkpoint.round)
         if self.world.is_worker:
@@ -570,6 +582,7 @@ class Runner:
             "uplink_bytes": self.totals["uplink"],
             "downlink_bytes": self.totals["downlink"],
             "uplink_bytes_per_client_round": self.totals["uplink"] / client_rounds,
+            "downlink_bytes_per_client_round": self.totals["downlink"] / client_rounds,
             "mpi_bytes": self.totals["mpi"],
             "rejected_payloads": self.totals["rejected"],
             "wall_seconds": self._wall(),
@@ -580,8 +593,6 @@ class Runner:
             "model_sha256": self.server_model.sha256(),
         }
         torch.save(self.server_model.model.state_dict(), self.run_dir / "model.pt")
-        tmp = self.run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, self.run_dir / "summary.json")
+        write_json_atomic(self.run_dir / "summary.json", summary)
         print(f"[osfed-hpc] done: {json.dumps(summary)}", flush=True)
         return summary

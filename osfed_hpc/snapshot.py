@@ -173,15 +173,15 @@ def parameter_gradients(
     grid: int | MultiGrid,
     create_graph: bool = False,
 ) -> list[torch.Tensor]:
-    """Per-parameter gradients of mean ``cross_entropy(f(F(S)), Y)`` (soft targets), in
-    ``parameters()`` order; frozen or unused parameters get zeros.
+    """Per-parameter gradients of mean ``cross_entropy(f(F(S)), Y)`` (soft targets), for the
+    trainable parameters in the flat vector's order (``model.params``); unused ones get zeros.
 
     Uses ``autograd.grad`` on the parameter tensors, so no ``.grad`` is written and the model is
     not copied. ``create_graph=True`` keeps the graph for the outer (double-backward) optimisation.
     """
     net = model.model
-    params = list(net.parameters())
-    trainable = [p for p in params if p.requires_grad]
+    params = model.params
+    trainable = [p for p in params if p.requires_grad]  # all of them, unless frozen after flattening
     with torch.enable_grad():
         logits = net(model.to_input_format(as_grid(grid)(snapshots)))
         loss = F.cross_entropy(logits, labels)
@@ -312,7 +312,7 @@ def synthesize(
     snapshots = torch.randn(shape, generator=generator, device=generator.device).to(device).requires_grad_()
     labels = torch.randn(labels_shape, generator=generator, device=generator.device).to(device).requires_grad_()
     target = target.detach().to(device, torch.float32)
-    pieces = target.split([p.numel() for p in model.model.parameters()])
+    pieces = target.split(model.param_sizes)
     target_norm = target.norm()
 
     def objective(s: torch.Tensor, y: torch.Tensor, create_graph: bool) -> torch.Tensor:

@@ -32,12 +32,18 @@ Layout of an expanded sweep folder::
     SWEEP/rows.tsv          index, name, out, config, one column per axis (read by jobs/sweep.slurm)
     SWEEP/rows.json         the same, for tools (``osfed-hpc report SWEEP`` reads it)
     SWEEP/logs/             SLURM output of the array tasks
+
+A sweep has at most ``MAX_ROWS`` (10,000) rows, counted from the axis lengths before anything is
+expanded: every row is a validated config, a file and an array task, so 10^7 rows (seven axes of
+ten values) would fill memory for hours before failing, and SLURM's MaxArraySize is usually
+1001-40000 anyway. Split a larger study into several sweep files.
 """
 from __future__ import annotations
 
 import copy
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -55,6 +61,7 @@ from .config import ConfigError, config_from_dict, load_config, read_yaml_mappin
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 _SWEEP_KEYS = {"base", "name", "out", "set", "axes"}
 _AXIS_KEYS = {"name", "key", "values", "prefix"}
+MAX_ROWS = 10_000  # rows per sweep; SLURM's MaxArraySize is usually 1001-40000
 
 
 @dataclass
@@ -134,6 +141,30 @@ def _parse_axis(raw: Any, position: int, source: Path) -> Axis:
     return Axis(name, labels, overrides)
 
 
+def check_row_count(source: Path, lengths: list[tuple[str, int]]) -> int:
+    """The number of rows (product of the axis lengths), or ``ConfigError`` above ``MAX_ROWS``.
+
+    Counted, never enumerated, so an absurd sweep fails in microseconds with the numbers that
+    explain it instead of growing memory while it expands.
+    """
+    count = math.prod(n for _, n in lengths)
+    if count > MAX_ROWS:
+        axes = " x ".join(f"{name} {n:,}" for name, n in lengths)
+        raise ConfigError(
+            f"sweep {source}: {count:,} rows ({axes}) is more than the limit of {MAX_ROWS:,} rows per sweep "
+            "(SLURM's MaxArraySize is usually 1001-40000); split it into several sweep files or use fewer values"
+        )
+    return count
+
+
+def _raw_axis_length(raw: Any, position: int) -> tuple[str, int]:
+    """(name, number of values) of an unparsed axis; malformed axes count 1 and fail in parsing."""
+    if not isinstance(raw, dict):
+        return f"axes[{position}]", 1
+    values = raw.get("values")
+    return str(raw.get("name", f"axes[{position}]")), len(values) if isinstance(values, (list, dict)) else 1
+
+
 def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     """Parse and check a sweep file (rows are validated later, by :func:`expand`)."""
     path = Path(path)
@@ -151,6 +182,7 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     axes_raw = raw.get("axes") or []
     if not isinstance(axes_raw, list) or not axes_raw:
         raise ConfigError(f"sweep {path}: 'axes' must be a non-empty list")
+    check_row_count(path, [_raw_axis_length(a, i) for i, a in enumerate(axes_raw)])
     axes = [_parse_axis(a, i, path) for i, a in enumerate(axes_raw)]
     if len({a.name for a in axes}) != len(axes):
         raise ConfigError(f"sweep {path}: axis names repeat")
@@ -175,6 +207,7 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 def expand(sweep: Sweep) -> list[Row]:
     """All rows, each a validated config dict with its own ``out`` and ``name``."""
+    check_row_count(sweep.source, [(a.name, len(a.labels)) for a in sweep.axes])
     base: dict[str, Any] = {}
     if sweep.base is not None:
         base = read_yaml_mapping(sweep.base, "sweep base config")

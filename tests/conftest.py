@@ -33,7 +33,7 @@ def small_run_overrides(data_dir: Path, out: Path, algorithm: str = "fedavg", ro
         f"out={out}", "seed=1", "runtime.threads=1", "train.batch_size=32", "name=small",
         f"algorithm.name={algorithm}",
     ]
-    if algorithm in ("osfed", "sfc3"):
+    if algorithm in ("osfed", "sfc3", "e3sfc"):
         overrides += ["algorithm.outer_steps=2", "algorithm.lbfgs_max_iter=4"]
     if algorithm == "osfed":
         overrides += ["algorithm.factor=2"]

@@ -13,7 +13,7 @@ def _write(tmp_path, text):
 def test_defaults_and_overrides(tmp_path):
     config = load_config(_write(tmp_path, "name: x\nrounds: 5\n"), ["rounds=3", "train.lr=0.1", "seed=1", "out=R"])
     assert (config.rounds, config.train.lr, config.seed, config.out) == (3, 0.1, 1, "R")
-    assert config.algorithm == {"name": "fedavg"}
+    assert config.algorithm == {"name": "fedavg", "weighting": "samples"}  # defaults filled in
 
 
 def test_unknown_key_is_named_with_suggestion(tmp_path):

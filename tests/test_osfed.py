@@ -10,7 +10,9 @@ import torch
 from osfed_hpc.algorithms import get_algorithm
 from osfed_hpc.algorithms.base import ClientContext, Environment
 from osfed_hpc.algorithms.local_training import local_sgd
-from osfed_hpc.algorithms.osfed import SFC3, OSFed, least_squares_scale
+from osfed_hpc.algorithms.server_optimizer import ServerOptimizer
+from osfed_hpc.algorithms.osfed import OSFed, least_squares_scale
+from osfed_hpc.algorithms.sfc3 import SFC3
 from osfed_hpc.config import TrainConfig as PackageTrainConfig
 from osfed_hpc.flat import FlatModel
 from osfed_hpc.models import build_model
@@ -41,7 +43,8 @@ def make_env(model: str = "cnn", channels: int = 1, seed: int = 0, server_lr: fl
              channels_last: bool = False) -> Environment:
     net = build_model(model, channels, SIZE, CLASSES, seed=seed)
     return Environment(model=FlatModel(net, channels_last=channels_last), train=TrainConfig(), num_classes=CLASSES,
-                       input_shape=(channels, SIZE, SIZE), device=torch.device("cpu"), seed=seed, server_lr=server_lr)
+                       input_shape=(channels, SIZE, SIZE), device=torch.device("cpu"), seed=seed,
+                       server_optimizer=ServerOptimizer(lr=server_lr))
 
 
 def make_ctx(data, client_id: int = 1, round: int = 0, state=None) -> ClientContext:

@@ -157,11 +157,23 @@ def test_synthetic_gradient_matches_backward_and_leaves_no_grad():
 
 def test_synthetic_gradient_zero_for_unused_and_frozen_parameters():
     model = FlatModel(_PartlyUsed())
-    model.model.used.bias.requires_grad_(False)
+    model.model.used.bias.requires_grad_(False)  # frozen after flattening: still in the vector, gets 0
     g = synthetic_gradient(model, torch.randn(1, 1, 4, 4), torch.randn(1, 3), 1)
     sizes = [p.numel() for p in model.model.parameters()]
     weight, bias, unused = g[: sizes[0]], g[sizes[0] : sizes[0] + 3], g[sizes[0] + 3 :]
     assert weight.abs().sum() > 0 and not bias.any() and not unused.any()
+
+
+def test_parameters_frozen_before_flattening_are_not_in_the_vector():
+    net = _PartlyUsed()
+    net.used.bias.requires_grad_(False)
+    model = FlatModel(net)
+    assert model.param_numel == sum(p.numel() for p in net.parameters()) - 3
+    g = synthetic_gradient(model, torch.randn(1, 1, 4, 4), torch.randn(1, 3), 1)
+    assert g.numel() == model.param_numel
+    bias = net.used.bias.detach().clone()
+    model.vector.zero_()
+    assert torch.equal(net.used.bias, bias)  # the frozen tensor keeps its own storage
 
 
 def test_exact_numerics_restores_settings_and_modes():

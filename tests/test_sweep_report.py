@@ -77,6 +77,37 @@ def test_bad_sweeps_name_the_problem(tmp_path, text, message):
         sw.expand(sw.load_sweep(path, tmp_path / "out"))
 
 
+def _huge_sweep(path: Path, axes: int = 7, values: int = 10) -> Path:
+    """``axes`` axes of ``values`` rounds each: values ** axes rows (10**7 by default)."""
+    lines = ["axes:"]
+    for k in range(axes):
+        lines.append(f"  - {{name: a{k}, key: rounds, values: {list(range(1, values + 1))}}}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_sweep_of_ten_million_rows_is_refused_before_expanding(tmp_path, capsys):
+    """10**7 rows used to hang while memory grew; now the count is refused from the axis lengths."""
+    path = _huge_sweep(tmp_path / "huge.yaml")
+    message = (rf"^sweep {path}: 10,000,000 rows \(a0 10 x a1 10 x a2 10 x a3 10 x a4 10 x a5 10 x a6 10\) "
+               rf"is more than the limit of 10,000 rows per sweep")
+    with pytest.raises(ConfigError, match=message):
+        sw.load_sweep(path, tmp_path / "out")
+    assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "huge.yaml: 10,000,000 rows" in err and "MaxArraySize" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_row_limit_is_inclusive_and_expand_checks_it_too(tmp_path):
+    assert sw.MAX_ROWS == 10_000
+    at_limit = sw.load_sweep(_huge_sweep(tmp_path / "ok.yaml", axes=4, values=10), tmp_path / "out")
+    assert sw.check_row_count(at_limit.source, [(a.name, len(a.labels)) for a in at_limit.axes]) == 10_000
+    at_limit.axes.append(sw.Axis("extra", ["x", "y"], [{}, {}]))  # a Sweep built or changed in code
+    with pytest.raises(ConfigError, match=r"ok\.yaml: 20,000 rows .* x extra 2\)"):
+        sw.expand(at_limit)
+
+
 def test_a_shorter_reexpansion_leaves_no_stale_rows(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("axes: [{name: r, key: rounds, values: [1, 2, 3]}]\n")

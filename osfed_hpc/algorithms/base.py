@@ -1,24 +1,77 @@
 """The contract between the runner and a federated method.
 
-The runner knows nothing about any method: it hands a client's data, state and RNG to
-``client_update`` on the worker that hosts the client, moves the returned ``Payload`` bytes to
-rank 0, and folds them into the next global model with ``server_begin`` /
-``server_accumulate`` / ``server_finish``.
+One round, as the runner drives it::
+
+    rank 0:   message = server_message(round)                 -> broadcast
+    workers:  client_begin_round(received message)            (every worker, every round)
+              client_update(ctx) -> ClientResult              (each selected client it hosts)
+                                                              -> exchange to rank 0
+    rank 0:   server_begin(round); server_accumulate(client, payload, weight) in client-id order;
+              server_finish() -> the new trainable state
+
+The runner knows nothing else about a method: it moves bytes, keeps time and counts.
 
 Why a fold instead of ``server_update(payloads)``: a FedAvg payload of a ViT-L is 1.2 GB, and
 60 of them do not fit on rank 0. Folding one payload at a time in client-id order keeps rank 0's
 memory at one payload and makes the rounding of the sum independent of which rank hosted whom.
+
+Why a message instead of "the model": E-3SFC sends a server snapshot instead of the weights,
+FedMPQ sends each client its bit-widths, FedAF class logits. What goes down is a
+``ServerMessage`` and its logical size, per client, is the downlink we report.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..flat import FlatModel
 from ..payload import Payload
+from ..rng import torch_stream
+from .server_optimizer import ServerOptimizer
+from .update_guard import UpdateGuard
+
+
+@dataclass
+class ServerMessage:
+    """What rank 0 sends to the clients of a round.
+
+    ``model``: the trainable state W_t goes down as float32 (4 bytes per value per client).
+    ``common``: method data every client receives. ``per_client``: data for one client only (counted
+    for that client alone). ``diagnostics``: sent for measurement (e.g. client drift) and never
+    counted as downlink, because a deployment would not send it.
+    """
+
+    model: bool = True
+    common: Payload | None = None
+    per_client: dict[int, Payload] = field(default_factory=dict)
+    diagnostics: Payload | None = None
+
+    def downlink_bytes(self, client: int, model_bytes: int) -> int:
+        """Logical bytes client ``client`` receives this round."""
+        total = model_bytes if self.model else 0
+        if self.common is not None:
+            total += self.common.packed_size()
+        if client in self.per_client:
+            total += self.per_client[client].packed_size()
+        return total
+
+
+@dataclass
+class ReceivedMessage:
+    """The message as a worker received it (arrays are read-only views of the receive buffer)."""
+
+    round: int
+    model: bool
+    common: Payload | None = None
+    per_client: dict[int, Payload] = field(default_factory=dict)
+    diagnostics: Payload | None = None
+
+    def for_client(self, client: int) -> Payload | None:
+        return self.per_client.get(client)
 
 
 @dataclass
@@ -31,6 +84,7 @@ class ClientContext:
     state: dict[str, np.ndarray]
     generator: torch.Generator
     seed: int
+    message: ReceivedMessage | None = None
 
     @property
     def num_samples(self) -> int:
@@ -55,35 +109,62 @@ class Environment:
     input_shape: tuple[int, int, int]  # C, H, W as fed to the model
     device: torch.device
     seed: int
-    server_lr: float = 1.0  # server.lr: scales the aggregated update on rank 0
+    server_optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)  # used on rank 0
+    update_guard: UpdateGuard = field(default_factory=UpdateGuard)  # used on rank 0
+    num_clients: int = 1
     autocast_dtype: torch.dtype | None = None
     debug: bool = False  # runtime.debug: extra diagnostics that cost time
 
 
 class Algorithm:
-    """Base class. Subclasses set ``name``, ``Options`` and implement the hooks."""
+    """Base class. Subclasses set ``name``, ``Options`` and implement the hooks.
+
+    Defaults give FedAvg's shape: the model goes down, nothing else, and the server's new state is
+    ``apply_update(aggregated update)``.
+    """
 
     name: ClassVar[str] = ""
 
     @dataclass
     class Options:
-        pass
+        def validate(self) -> None:
+            pass
 
     #: keys of ``ClientResult.stats``, in a fixed order so stats cross MPI as float64 records
     client_stat_names: ClassVar[tuple[str, ...]] = ("train_loss", "local_steps")
-    #: True when a payload is weight-sized: the runner then streams payloads to rank 0 one at a
-    #: time instead of gathering them all in one collective
-    streams_payloads: ClassVar[bool] = False
 
     def __init__(self, options: "Algorithm.Options", env: Environment) -> None:
+        if hasattr(options, "validate"):  # a plain dataclass without checks is fine too
+            options.validate()
         self.options = options
         self.env = env
 
-    # worker side -----------------------------------------------------------------------------
+    # the model ---------------------------------------------------------------------------------
+    @classmethod
+    def adapt_model(cls, net: nn.Module, options: "Algorithm.Options", num_classes: int, seed: int) -> nn.Module:
+        """Change the freshly built (and pretrained-loaded) model before it is flattened, e.g. add
+        LoRA adapters and freeze the backbone. Must be deterministic: every rank calls it."""
+        return net
+
+    def payload_size_hint(self) -> int:
+        """An upper bound of one client's payload bytes, used before any payload was seen to choose
+        between gathering and streaming. Default: a weight-sized payload."""
+        return 4 * self.env.model.numel + 4096
+
+    # server to clients -------------------------------------------------------------------------
+    def server_message(self, round: int) -> ServerMessage:
+        """What the clients of ``round`` receive (rank 0, before the round's work)."""
+        return ServerMessage(model=True)
+
+    def client_begin_round(self, message: ReceivedMessage) -> None:
+        """Every worker, every round, before its clients: ``env.model`` holds the broadcast model
+        (when the message carries one) or this rank's replica from the previous round."""
+
+    # worker side -------------------------------------------------------------------------------
     def client_update(self, ctx: ClientContext) -> ClientResult:
         raise NotImplementedError
 
-    # server side -----------------------------------------------------------------------------
+    # server side -------------------------------------------------------------------------------
     def server_begin(self, round: int) -> None:
         raise NotImplementedError
 
@@ -95,13 +176,61 @@ class Algorithm:
         raise NotImplementedError
 
     def server_finish(self) -> torch.Tensor:
-        """Return the new flat global state (params then float buffers)."""
+        """Return the new flat trainable state (parameters then float buffers)."""
         raise NotImplementedError
 
-    # checkpointing ---------------------------------------------------------------------------
+    def new_mean(self, like: torch.Tensor, round: int) -> "WeightedMean":
+        """A weighted mean for this round's fold whose ``add`` first checks each client's update
+        with the run's update guard (non-finite or absurdly large: rejected, named)."""
+        return WeightedMean(like, self.env.update_guard, round)
+
+    def server_generator(self, round: int, purpose: str = "server") -> torch.Generator:
+        """The server's random stream for ``round``: keyed by (seed, purpose, round), never by rank."""
+        return torch_stream(self.env.seed, purpose, round)
+
+    def apply_update(self, update: torch.Tensor) -> torch.Tensor:
+        """W_t + the server optimizer's step on the aggregated ``update`` (parameters), plus the
+        plain update on float buffers (running statistics are averaged, not optimised)."""
+        model = self.env.model
+        state = model.vector.clone()
+        n = model.param_numel
+        state[:n].add_(self.env.server_optimizer.step(update[:n]))
+        if update.numel() > n:
+            state[n:].add_(update[n:])
+        return state
+
+    # checkpointing -----------------------------------------------------------------------------
     def server_state(self) -> dict[str, np.ndarray]:
         return {}
 
     def load_server_state(self, state: dict[str, np.ndarray]) -> None:
         if state:
             raise ValueError(f"{self.name} keeps no server state, but the checkpoint has {sorted(state)}")
+
+
+class WeightedMean:
+    """A running weighted sum of updates and its total weight: the server half most methods share.
+    With a guard, ``add`` checks each client's update before it enters the sum."""
+
+    def __init__(self, like: torch.Tensor, guard: UpdateGuard | None = None, round: int = 0) -> None:
+        self.sum = torch.zeros_like(like)
+        self.weight = 0.0
+        self.guard = guard
+        self.round = round
+
+    def add(self, update: torch.Tensor, weight: float, client: int | None = None) -> None:
+        if self.guard is not None and client is not None:
+            self.guard.check(client, self.round, update)
+        self.sum.add_(update, alpha=weight)
+        self.weight += weight
+
+    def mean(self) -> torch.Tensor | None:
+        """The weighted mean, or None when nothing was added."""
+        if self.weight == 0:
+            return None
+        return self.sum / self.weight
+
+
+def client_weight(weighting: str, samples: float) -> float:
+    """``samples``: weight by sample count (McMahan et al.); ``uniform``: every client counts 1."""
+    return samples if weighting == "samples" else 1.0

@@ -12,8 +12,6 @@ defaults chosen here are listed in ``OSFed.Options``; see also docs of ``osfed_h
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -33,32 +31,12 @@ from ..snapshot import (
     synthetic_gradient,
 )
 from ..snapshot_coding import CODECS, array_spec, decode_snapshots, encode_snapshots
-from .base import Algorithm, ClientContext, ClientResult
-from .local_training import client_lr, count_participation, local_sgd
-
-RESIDUAL = "residual"
+from .base import Algorithm, ClientContext, ClientResult, client_weight
+from .error_feedback import ErrorFeedback
+from .local_training import local_update, with_local_steps
+from .options import require_bool, require_choice, require_int, require_positive
 #: encode and decode run in eval mode (no dropout; BatchNorm models are refused outright)
 MODE = "eval"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _require_int(key: str, value: Any, low: int, high: int | None = None) -> None:
-    if not _is_int(value) or value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"algorithm.{key} must be an integer {bound}, got {value!r}")
-
-
-def _require_positive(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"algorithm.{key} must be a positive number, got {value!r}")
-
-
-def _require_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"algorithm.{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 def least_squares_scales(direction: torch.Tensor, target: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
@@ -139,25 +117,24 @@ class OSFed(Algorithm):
         label_dtype: str = "float32"
 
         def validate(self) -> None:
-            _require_int("factor", self.factor, 1)
-            _require_int("num_snapshots", self.num_snapshots, 1)
-            _require_choice("multigrid", self.multigrid, ("uniform", "multiscale"))
-            _require_choice("optimizer", self.optimizer, ("lbfgs", "adam"))
-            _require_choice("scales", self.scales, ("global", "tensor"))
-            _require_positive("lbfgs_lr", self.lbfgs_lr)
-            _require_int("lbfgs_max_iter", self.lbfgs_max_iter, 1)
-            _require_int("lbfgs_history", self.lbfgs_history, 1)
-            _require_int("outer_steps", self.outer_steps, 1)
-            _require_positive("adam_lr", self.adam_lr)
-            _require_int("adam_steps", self.adam_steps, 1)
-            _require_choice("codec", self.codec, ("none", *CODECS))
-            _require_int("jpeg_quality", self.jpeg_quality, 1, 100)
-            if not isinstance(self.error_feedback, bool):
-                raise ValueError(f"algorithm.error_feedback must be true or false, got {self.error_feedback!r}")
-            _require_choice("weighting", self.weighting, ("uniform", "samples"))
+            require_int("factor", self.factor, 1)
+            require_int("num_snapshots", self.num_snapshots, 1)
+            require_choice("multigrid", self.multigrid, ("uniform", "multiscale"))
+            require_choice("optimizer", self.optimizer, ("lbfgs", "adam"))
+            require_choice("scales", self.scales, ("global", "tensor"))
+            require_positive("lbfgs_lr", self.lbfgs_lr)
+            require_int("lbfgs_max_iter", self.lbfgs_max_iter, 1)
+            require_int("lbfgs_history", self.lbfgs_history, 1)
+            require_int("outer_steps", self.outer_steps, 1)
+            require_positive("adam_lr", self.adam_lr)
+            require_int("adam_steps", self.adam_steps, 1)
+            require_choice("codec", self.codec, ("none", *CODECS))
+            require_int("jpeg_quality", self.jpeg_quality, 1, 100)
+            require_bool("error_feedback", self.error_feedback)
+            require_choice("weighting", self.weighting, ("uniform", "samples"))
             if self.segment_steps is not None:
-                _require_int("segment_steps", self.segment_steps, 1)
-            _require_choice("label_dtype", self.label_dtype, ("float32", "float16"))
+                require_int("segment_steps", self.segment_steps, 1)
+            require_choice("label_dtype", self.label_dtype, ("float32", "float16"))
             if self.multiscale_leaves is not None and self.multigrid != "multiscale":
                 raise ValueError("algorithm.multiscale_leaves is only used with algorithm.multigrid = 'multiscale'")
             try:
@@ -182,7 +159,6 @@ class OSFed(Algorithm):
 
     def __init__(self, options: "OSFed.Options", env) -> None:
         super().__init__(options, env)
-        options.validate()
         if has_batchnorm(env.model.model):
             raise ValueError(
                 f"algorithm.name={self.name} cannot use a BatchNorm model: running statistics cannot be "
@@ -197,8 +173,15 @@ class OSFed(Algorithm):
             raise ValueError(f"algorithm.factor: {exc}") from None
         self.snapshot_shape = (options.num_snapshots, channels, height, width)
         self.labels_shape = (options.num_snapshots * self.grid.samples_per_snapshot, env.num_classes)
-        self.tensor_sizes = [p.numel() for p in env.model.model.parameters()]
+        self.tensor_sizes = env.model.param_sizes
         self.num_scales = len(self.tensor_sizes) if options.scales == "tensor" else 1
+        self.error_feedback = ErrorFeedback(options.error_feedback, env.model.param_numel)
+
+    def payload_size_hint(self) -> int:
+        """Exact for float32 snapshots; 8-bit codecs are smaller."""
+        return Payload(meta={**self.header(0, 0), "rejected": "x" * 64}, arrays={
+            name: np.empty(shape, dtype) for name, (dtype, shape) in self._expected_arrays(raw=True).items()
+        }).packed_size()
 
     # wire format -------------------------------------------------------------------------------
     def header(self, round: int, client_id: int) -> dict[str, Any]:
@@ -207,9 +190,9 @@ class OSFed(Algorithm):
         return {"algorithm": self.name, "round": round, "client": client_id, "factor": o.factor,
                 "num_snapshots": o.num_snapshots, "multigrid": o.multigrid, "codec": o.codec, "mode": MODE}
 
-    def _expected_arrays(self) -> dict[str, tuple[str, tuple[int, ...] | None]]:
+    def _expected_arrays(self, raw: bool = False) -> dict[str, tuple[str, tuple[int, ...] | None]]:
         spec: dict[str, tuple[str, tuple[int, ...] | None]] = {}
-        if self.options.codec == "none":
+        if self.options.codec == "none" or raw:
             spec["snapshot"] = ("float32", self.snapshot_shape)
         else:
             spec.update(array_spec(self.options.num_snapshots))
@@ -243,45 +226,14 @@ class OSFed(Algorithm):
             return synthetic_gradient(model, snapshots, labels, self.grid, create_graph=False)
 
     # worker side -------------------------------------------------------------------------------
-    def _segment_train(self):
-        """The train config with ``local_steps`` replaced by ``segment_steps`` when that is set."""
-        train = self.env.train
-        steps = self.options.segment_steps
-        if steps is None:
-            return train
-        if dataclasses.is_dataclass(train):
-            return dataclasses.replace(train, local_steps=steps)
-        train = copy.copy(train)
-        train.local_steps = steps
-        return train
-
-    def _residual(self, state: dict[str, np.ndarray]) -> torch.Tensor | None:
-        if not self.options.error_feedback or RESIDUAL not in state:
-            return None
-        residual = state[RESIDUAL]
-        expected = (self.env.model.param_numel,)
-        if residual.shape != expected or residual.dtype != np.float32:
-            raise ValueError(f"client state {RESIDUAL!r} is {residual.dtype}{list(residual.shape)}, "
-                             f"expected float32{list(expected)}")
-        return torch.from_numpy(residual).to(self.env.model.vector.device)
-
     def client_update(self, ctx: ClientContext) -> ClientResult:
         model = self.env.model
-        start = model.vector.clone()
-        loss, steps = local_sgd(
-            model, ctx.data, self._segment_train(), ctx.generator, client_lr(self.env.train, ctx.state),
-            self.env.autocast_dtype,
-        )
-        count_participation(ctx.state)
-        target = model.params_vector - start[: model.param_numel]
-        residual = self._residual(ctx.state)
-        if residual is not None:
-            target += residual
-        model.load_(start)
+        local = local_update(self.env, ctx, with_local_steps(self.env.train, self.options.segment_steps))
+        target = self.error_feedback.target(ctx.state, local.update[: model.param_numel])
+        model.load_(local.start)
         encoding = self.compress(target, ctx)
-        if self.options.error_feedback and encoding.residual is not None:
-            ctx.state[RESIDUAL] = encoding.residual.to("cpu", torch.float32).numpy()
-        return ClientResult(encoding.payload, {"train_loss": loss, "local_steps": float(steps), **encoding.stats})
+        self.error_feedback.keep(ctx.state, encoding.residual)
+        return ClientResult(encoding.payload, {**local.stats, **encoding.stats})
 
     def compress(self, target: torch.Tensor, ctx: ClientContext) -> ClientEncoding:
         """Encode ``target`` (flat, parameters only) at the model's current weights W_t.
@@ -335,8 +287,7 @@ class OSFed(Algorithm):
     # server side -------------------------------------------------------------------------------
     def server_begin(self, round: int) -> None:
         self._round = round
-        self._sum = torch.zeros_like(self.env.model.params_vector)
-        self._total_weight = 0.0
+        self._mean = self.new_mean(self.env.model.params_vector, round)
 
     def _scaled(self, scale: "float | torch.Tensor", direction: torch.Tensor) -> torch.Tensor:
         """s * g*, with one scale per parameter tensor when ``scale`` is a tensor of them."""
@@ -376,35 +327,11 @@ class OSFed(Algorithm):
     def server_accumulate(self, client_id: int, payload: Payload, weight: float) -> dict[str, float]:
         scale, direction = self.decode(client_id, payload)
         update = self._scaled(scale, direction)
-        w = weight if self.options.weighting == "samples" else 1.0
-        self._sum.add_(update, alpha=w)
-        self._total_weight += w
+        self._mean.add(update, client_weight(self.options.weighting, weight), client_id)
         return {"decoded_norm": float(update.norm())}
 
     def server_finish(self) -> torch.Tensor:
-        """W_t + server_lr * mean update on the parameters; float buffers (GroupNorm models have
-        none) are carried over unchanged, since a snapshot says nothing about them."""
-        model = self.env.model
-        state = model.vector.clone()
-        if self._total_weight > 0:
-            state[: model.param_numel].add_(self._sum, alpha=self.env.server_lr / self._total_weight)
-        return state
-
-
-class SFC3(OSFed):
-    """3SFC (Zhou et al., ICCV 2023): OS-Fed with factor 1, i.e. the snapshot itself is the batch."""
-
-    name = "sfc3"
-
-    @dataclass
-    class Options(OSFed.Options):
-        #: fixed: 3SFC has no multi-grid function
-        factor: int = 1
-
-        def validate(self) -> None:
-            if self.factor != 1 or self.multigrid != "uniform":
-                raise ValueError(
-                    f"algorithm.factor: sfc3 is OS-Fed without multi-grid (factor 1, uniform), got "
-                    f"factor {self.factor!r}, multigrid {self.multigrid!r}; use algorithm.name=osfed instead"
-                )
-            super().validate()
+        """W_t + the server optimizer's step on the mean decoded update (parameters); float buffers
+        (GroupNorm models have none) are carried over unchanged: a snapshot says nothing about them."""
+        mean = self._mean.mean()
+        return self.env.model.vector.clone() if mean is None else self.apply_update(mean)

@@ -9,6 +9,8 @@ key / index / client) and says what was expected.
 
 from __future__ import annotations
 
+from ..errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """A dataset, shard, partition or argument that the data layer cannot use."""

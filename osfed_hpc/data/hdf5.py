@@ -22,7 +22,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .atomic import atomic_path, fsync_path, temp_path_for
+from ..atomic import atomic_path, fsync_path, temp_path_for
 from .errors import DataError
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, SPLITS, fingerprint_of, read_manifest
 
@@ -65,6 +65,18 @@ def write_raw_shard(
             f.create_dataset("images", data=images)
             f.create_dataset("labels", data=labels)
             f.attrs.update(_shard_attrs(split, index, len(labels), attrs))
+
+
+def vlen_block(arrays: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    """A 1-D array of ``dtype`` (an h5py vlen dtype) holding ``arrays``, one per element.
+
+    Filled element by element: assigning a list would let numpy broadcast equal-length arrays
+    into a second dimension instead of storing each array as one element.
+    """
+    block = np.empty(len(arrays), dtype=dtype)
+    for k, arr in enumerate(arrays):
+        block[k] = arr
+    return block
 
 
 class JpegShardWriter:
@@ -113,12 +125,20 @@ class JpegShardWriter:
         return list(self._skipped)
 
     def _flush(self) -> None:
+        """Write the pending images as one block, bypassing h5py's value conversion.
+
+        ``dataset[a:b] = block`` lets h5py convert ``block`` with numpy first, and numpy turns
+        images of identical encoded length (one image alone, two identical files) into a 2-D
+        ``[n, length]`` array that h5py then refuses ("Can't broadcast (n, length) -> (n,)").
+        ``write_direct`` hands a 1-D array of the dataset's own vlen dtype to HDF5 unchanged,
+        whatever the lengths.
+        """
         if not self._pending:
             return
-        block = np.empty(len(self._pending), dtype=object)
-        block[:] = self._pending
-        self._images[self._written : self._written + len(block)] = block
-        self._written += len(block)
+        block = vlen_block(self._pending, self._images.dtype)
+        end = self._written + len(block)
+        self._images.write_direct(block, dest_sel=np.s_[self._written : end])
+        self._written = end
         self._pending = []
 
     def commit(self) -> int:

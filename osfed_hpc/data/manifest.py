@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_bytes_atomic
+from ..atomic import write_bytes_atomic
 from .errors import DataError
 
 FORMAT_VERSION = 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 import zipfile
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import write_bytes_atomic
+from ..atomic import write_bytes_atomic
 from .errors import DataError
 from .hdf5 import DatasetReader
 
@@ -37,8 +38,7 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed
     disjoint and together cover every index.
     """
     _check_clients(num_clients)
-    if not alpha > 0:
-        raise DataError(f"alpha must be > 0, got {alpha}")
+    check_alpha(alpha)
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     order = np.argsort(labels, kind="stable")
@@ -67,6 +67,60 @@ def iid_partition(num_samples: int, num_clients: int, seed: int) -> list[np.ndar
 def _check_clients(num_clients: int) -> None:
     if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
         raise DataError(f"num_clients must be a positive int, got {num_clients!r}")
+
+
+def check_alpha(alpha: Any) -> float:
+    """``alpha`` as a float, or ``DataError`` unless it is a finite number > 0.
+
+    ``inf`` is the tempting value for "IID", but Dir(inf) draws NaN proportions, which the
+    underflow guard of ``dirichlet_partition`` turns into "every sample on one random client",
+    the opposite of IID; nan, 0 and negative values have no meaning at all.
+    """
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(alpha, bool) or not (math.isfinite(value) and value > 0):
+        raise DataError(
+            f"--alpha must be a finite number > 0 (the Dirichlet concentration; --scheme iid "
+            f"for equal random shares), got {alpha!r}"
+        )
+    return value
+
+
+def check_partition_args(num_clients: int, scheme: str, alpha: Any = 0.5, min_samples: int = 1,
+                         max_redraws: int = 100) -> None:
+    """Refuse bad partition arguments before any dataset is opened (cheap, no I/O).
+
+    The CLI can call this before opening the dataset; ``make_partition`` calls it first too.
+    ``alpha`` is only checked where it is used (dirichlet) or given (not None).
+    """
+    if scheme not in SCHEMES:
+        raise DataError(f"unknown partition scheme {scheme!r}; expected one of {SCHEMES}")
+    _check_clients(num_clients)
+    if scheme == "dirichlet" or alpha is not None:
+        check_alpha(alpha)
+    if min_samples < 0 or max_redraws < 0:
+        raise DataError(f"min_samples and max_redraws must be >= 0, got {min_samples}, {max_redraws}")
+
+
+def _check_feasible(num_clients: int, num_train: int, min_samples: int, allow_small: bool, where: Path) -> None:
+    """Fail at once when no draw can give every client a sample (or ``min_samples`` of them).
+
+    Without this, a typo such as 10**9 clients allocates per-client lists for a minute and
+    ends in ``MemoryError``; and an impossible ``min_samples`` burns every redraw first.
+    """
+    if num_clients > num_train:
+        raise DataError(
+            f"--clients {num_clients:,} is more than the {num_train:,} train samples of {where}: "
+            "every client needs at least one sample"
+        )
+    if not allow_small and num_clients * min_samples > num_train:
+        raise DataError(
+            f"--clients {num_clients:,} x --min-samples {min_samples:,} needs {num_clients * min_samples:,} "
+            f"train samples, {where} has {num_train:,}: use fewer clients, a smaller --min-samples "
+            "or --allow-small"
+        )
 
 
 def redraw_seed(seed: int, draw: int) -> int:
@@ -193,12 +247,12 @@ def make_partition(
     unless ``allow_small`` (then warn and keep the draw whose smallest client is largest). So
     ``allow_small`` only turns the error into a warning: whenever some draw satisfies
     ``min_samples`` the result is the same with or without it. ``iid``: equal shares.
+
+    A client without samples can never train, so it is refused whatever ``min_samples`` (even 0)
+    and ``allow_small`` say, exactly as ``load_partition`` refuses it.
     """
-    if scheme not in SCHEMES:
-        raise DataError(f"unknown partition scheme {scheme!r}; expected one of {SCHEMES}")
-    _check_clients(num_clients)
-    if min_samples < 0 or max_redraws < 0:
-        raise DataError(f"min_samples and max_redraws must be >= 0, got {min_samples}, {max_redraws}")
+    check_partition_args(num_clients, scheme, alpha, min_samples, max_redraws)
+    _check_feasible(int(num_clients), reader.count("train"), min_samples, allow_small, reader.path)
     labels = reader.labels("train")
     meta: dict[str, Any] = {
         "format": PARTITION_FORMAT,
@@ -219,7 +273,7 @@ def make_partition(
         draw_seed = redraw_seed(seed, draw)
         parts = dirichlet_partition(labels, num_clients, alpha, draw_seed)
         smallest = min(len(p) for p in parts)
-        if smallest >= min_samples:
+        if smallest >= max(min_samples, 1):
             return Partition.from_lists(parts, dict(meta, draw=draw, draw_seed=draw_seed))
         if best is None or smallest > best[0]:
             best = (smallest, draw, parts)
@@ -231,14 +285,20 @@ def make_partition(
 
 def _check_small(parts: list[np.ndarray], min_samples: int, allow_small: bool, scheme: str,
                  num_clients: int, n: int, redraws: int, alpha: float) -> None:
+    what = f"{scheme} partition of {n} samples over {num_clients} clients"
+    if scheme == "dirichlet":
+        what += f" (alpha={_format_alpha(alpha)}, {redraws} redraws)"
+    empty = [cid for cid, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise DataError(
+            f"{what}: clients {_list_ids(empty)} get no samples and could never train "
+            "(--allow-small keeps small clients, not empty ones); use a larger --alpha or fewer --clients"
+        )
     small = [(cid, len(p)) for cid, p in enumerate(parts) if len(p) < min_samples]
     if not small:
         return
     listed = ", ".join(f"client {cid}: {size}" for cid, size in small[:20])
     more = f" and {len(small) - 20} more" if len(small) > 20 else ""
-    what = f"{scheme} partition of {n} samples over {num_clients} clients"
-    if scheme == "dirichlet":
-        what += f" (alpha={_format_alpha(alpha)}, {redraws} redraws)"
     if allow_small:
         warnings.warn(f"{what}: clients below min_samples={min_samples} ({listed}{more})", stacklevel=3)
         return
@@ -246,6 +306,12 @@ def _check_small(parts: list[np.ndarray], min_samples: int, allow_small: bool, s
         f"{what}: clients below min_samples={min_samples}: {listed}{more}; "
         "use --allow-small, a larger alpha, fewer clients or a smaller min_samples"
     )
+
+
+def _list_ids(ids: list[int], limit: int = 20) -> str:
+    """``[3, 7]``, or the first ``limit`` ids and how many more: messages stay one short line."""
+    shown = ", ".join(str(i) for i in ids[:limit])
+    return f"[{shown}{f', ... ({len(ids) - limit} more)' if len(ids) > limit else ''}]"
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -300,4 +366,20 @@ def load_partition(path: str | Path, reader: DatasetReader) -> Partition:
         dup = int(uniq[np.argmax(counts > 1)])
         owners = [c for c in range(len(offsets) - 1) if np.any(indices[offsets[c] : offsets[c + 1]] == dup)]
         raise DataError(f"{path}: sample {dup} appears more than once (clients {owners}); expected disjoint clients")
+    _check_no_empty_client(path, offsets)
     return Partition(indices, offsets, meta)
+
+
+def _check_no_empty_client(path: Path, offsets: np.ndarray) -> None:
+    """Refuse a partition with a client that holds no sample, whatever its meta says.
+
+    Such a client can never train: depending on the schedule it fails in the middle of a run
+    ("cannot produce N steps") or contributes a zero-weight update; ``allow_small`` in a file
+    means "below min_samples", and ``make_partition`` never writes an empty client.
+    """
+    empty = np.flatnonzero(np.diff(offsets) == 0).tolist()
+    if empty:
+        raise DataError(
+            f"{path}: clients {_list_ids(empty)} have no samples; every client needs at least one to train "
+            "(make the partition again with fewer clients or a larger alpha)"
+        )

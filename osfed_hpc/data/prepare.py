@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .atomic import remove_stale_temps, write_bytes_atomic
+from ..atomic import remove_stale_temps, write_bytes_atomic
 from .errors import DataError
 from .hdf5 import JpegShardWriter, shard_name, shard_summary, write_raw_shard
 from .imaging import DECODE_ERRORS, describe_error, encode_for_storage, read_file

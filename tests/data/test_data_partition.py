@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import time
 import zipfile
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from osfed_hpc.cli import main as cli_main
 from osfed_hpc.data import (
     DataError,
     DatasetReader,
@@ -97,9 +100,21 @@ def test_min_samples_error_names_clients(reader):
     assert part.sizes.sum() == 4000
 
 
-def test_iid_too_many_clients(reader):
-    with pytest.raises(DataError, match="below min_samples"):
-        make_partition(reader, 5000, "iid", seed=0)
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+@pytest.mark.parametrize("clients", [4001, 5000, 10**9])
+def test_more_clients_than_samples_fails_at_once(reader, scheme, clients):
+    """10**9 clients used to allocate per-client lists for a minute and end in MemoryError."""
+    start = time.monotonic()
+    with pytest.raises(DataError, match=rf"--clients {clients:,} is more than the 4,000 train samples of .*mnist5k"):
+        make_partition(reader, clients, scheme, seed=0)
+    assert time.monotonic() - start < 1.0
+
+
+def test_impossible_min_samples_fails_before_redrawing(reader):
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"--clients 50 x --min-samples 100 needs 5,000 train samples"):
+        make_partition(reader, 50, "dirichlet", alpha=0.5, min_samples=100, max_redraws=10_000)
+    assert time.monotonic() - start < 1.0
 
 
 def test_default_path(tmp_path):
@@ -189,3 +204,56 @@ def test_dirichlet_is_always_a_disjoint_cover(n, classes, clients, alpha, seed):
     parts = dirichlet_partition(labels, clients, alpha, seed)
     assert len(parts) == clients
     assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(n))
+
+
+BAD_ALPHAS = [math.inf, -math.inf, math.nan, 0.0, -0.5]
+
+
+@pytest.mark.parametrize("alpha", BAD_ALPHAS)
+def test_bad_alpha_is_refused_before_any_work(alpha):
+    class Untouchable:
+        """A reader that fails the test if make_partition reads anything before checking alpha."""
+
+        def __getattr__(self, name):
+            raise AssertionError(f"reader.{name} used before the arguments were checked")
+
+    with pytest.raises(DataError, match=r"^--alpha must be a finite number > 0 .*got (inf|-inf|nan|0\.0|-0\.5)$"):
+        make_partition(Untouchable(), 5, "dirichlet", alpha=alpha)
+    with pytest.raises(ValueError, match="--alpha"):  # DataError is a ValueError
+        dirichlet_partition(np.zeros(10, np.int64), 2, alpha, seed=0)
+
+
+@pytest.mark.parametrize("alpha", ["inf", "nan", "0", "-1", "-inf"])
+def test_cli_bad_alpha_is_one_line_exit_2(mnist_dir, tmp_path, capsys, alpha):
+    out = tmp_path / "p.npz"
+    code = cli_main(["partition", "--data", str(mnist_dir), "--clients", "3", f"--alpha={alpha}", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("osfed-hpc partition: error: --alpha must be a finite number > 0")
+    assert not out.exists()
+
+
+def test_empty_client_in_partition_file_is_refused(reader, tmp_path):
+    meta = make_partition(reader, 4, "iid", seed=0).meta
+    for extra in ({}, {"allow_small": True, "min_samples": 0}):  # no file can make an empty client usable
+        path = tmp_path / "empty.npz"
+        _write_npz(path, [0, 1, 2], [0, 1, 1, 3, 3], dict(meta, **extra))
+        with pytest.raises(DataError, match=r"empty\.npz: clients \[1, 3\] have no samples; every client needs"):
+            load_partition(path, reader)
+
+
+def test_make_partition_never_keeps_an_empty_client(reader):
+    """min_samples=0 or --allow-small keep small clients, but never write one that load refuses."""
+    with pytest.raises(DataError, match=r"clients \[.*\] get no samples and could never train"):
+        make_partition(reader, 200, "dirichlet", alpha=0.001, seed=0, min_samples=0, max_redraws=2)
+    with pytest.raises(DataError, match=r"get no samples .*--allow-small keeps small clients, not empty ones"):
+        make_partition(reader, 200, "dirichlet", alpha=0.001, seed=0, allow_small=True, max_redraws=2)
+
+
+def test_allow_small_partition_round_trips(reader, tmp_path):
+    with pytest.warns(UserWarning, match="below min_samples=150"):
+        part = make_partition(reader, 20, "dirichlet", alpha=0.3, seed=0, min_samples=150, max_redraws=0,
+                              allow_small=True)
+    assert 0 < part.sizes.min() < 150
+    loaded = load_partition(part.save(tmp_path / "small.npz"), reader)
+    assert np.array_equal(loaded.sizes, part.sizes)

@@ -14,8 +14,10 @@ from PIL import Image
 
 from osfed_hpc.data import DataError, DatasetReader, prepare_dataset, verify_dataset
 from osfed_hpc.data import prepare as prepare_mod
+from osfed_hpc.data.hdf5 import JpegShardWriter
+from osfed_hpc.data.imaging import encode_for_storage
 
-from .conftest import write_tree
+from .conftest import jpeg_bytes, natural_image, write_tree
 
 
 def _manifest(path: Path) -> dict:
@@ -229,3 +231,83 @@ def test_progress_line_goes_to_stderr(tmp_path, flat_tree, capsys):
     err = capsys.readouterr().err
     assert "img/s" in err and "ETA" in err and "prepared" in err
     assert os.path.exists(tmp_path / "p" / "dataset.json")
+
+
+# -- write blocks of one image or of images of identical encoded size -------------------------
+def _one_image_val_tree(root: Path) -> None:
+    """train/ with two classes of two images, val/ with a single image: the test split has one."""
+    write_tree(root / "train", per_class=2, seed=7, specials=False)
+    (root / "val" / "cat").mkdir(parents=True)
+    (root / "val" / "cat" / "only.jpg").write_bytes((root / "train" / "cat" / "img000.jpg").read_bytes())
+
+
+def _identical_files_tree(root: Path) -> None:
+    """Every class folder holds the same JPEG twice: every block is images of one encoded size."""
+    data = jpeg_bytes(natural_image(np.random.default_rng(8), 40, 30))
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for name in ("a.jpg", "b.jpg"):
+                (root / split / c / name).write_bytes(data)
+
+
+@pytest.mark.parametrize(
+    "make_tree, shard_size",
+    [
+        pytest.param(_one_image_val_tree, 10000, id="split-with-one-image"),
+        pytest.param(lambda root: write_tree(root, per_class=3, seed=9, specials=False), 1, id="shard-size-1"),
+        pytest.param(_identical_files_tree, 10000, id="two-identical-files"),
+    ],
+)
+def test_imagefolder_blocks_of_equal_sized_images(tmp_path, make_tree, shard_size):
+    """A write block of one image, or of images with equal encoded length, used to crash h5py
+    ("Can't broadcast (n, length) -> (n,)"): numpy made a 2-D array of the equal-length images.
+    The rerun must find the finished dataset and keep it as is."""
+    root = tmp_path / "src"
+    make_tree(root)
+    kwargs = dict(root=root, max_side=64, shard_size=shard_size, workers=1, progress=False)
+    out = prepare_dataset("imagefolder", tmp_path / "out", **kwargs)
+    manifest = (out / "dataset.json").read_bytes()
+    reader = DatasetReader(out)
+    for split in ("train", "test"):
+        names = []
+        for shard in reader.shard_paths(split):
+            with h5py.File(shard, "r") as f:
+                names += f["names"].asstr()[()].tolist()
+        assert len(names) == reader.count(split) > 0
+        for k, name in enumerate(names):
+            stored = reader.read_encoded(split, k)
+            assert stored == encode_for_storage((root / name).read_bytes(), 64, 90), name
+    assert verify_dataset(out, sample=100)["ok"]
+    assert prepare_dataset("imagefolder", out, **kwargs) == out  # the rerun
+    assert (out / "dataset.json").read_bytes() == manifest
+
+
+def test_rerun_after_a_failed_equal_size_conversion_resumes(tmp_path, monkeypatch):
+    """A directory left by a conversion that died on such a block is resumed by the rerun."""
+    root = tmp_path / "src"
+    _identical_files_tree(root)
+    kwargs = dict(root=root, max_side=64, shard_size=1, workers=1, progress=False)
+
+    def broken_flush(self):
+        raise TypeError("Can't broadcast (1, 700) -> (1,)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(JpegShardWriter, "_flush", broken_flush)
+        with pytest.raises(RuntimeError, match="conversion failed"):
+            prepare_dataset("imagefolder", tmp_path / "out", **kwargs)
+    out = prepare_dataset("imagefolder", tmp_path / "out", **kwargs)
+    assert DatasetReader(out).count("train") == 4 and DatasetReader(out).count("test") == 4
+
+
+@pytest.mark.parametrize("lengths", [[5], [5, 5], [3, 3, 3], [4, 6, 4], [7, 7, 2]])
+def test_jpeg_shard_writer_stores_each_block_element_whole(tmp_path, lengths):
+    rng = np.random.default_rng(len(lengths))
+    blobs = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in lengths]
+    writer = JpegShardWriter(tmp_path / "s.h5", "train", 0, len(blobs), {})
+    for k, blob in enumerate(blobs):
+        writer.add(blob, 0, f"x/{k}.jpg")
+    assert writer.commit() == len(blobs)
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        assert f["images"].shape == (len(blobs),)
+        assert [f["images"][k].tobytes() for k in range(len(blobs))] == blobs

@@ -1,6 +1,7 @@
 """Atomic file writes: a reader never sees half a file.
 
-Every artefact of the data layer (shards, ``dataset.json``, partitions, ``skipped.tsv``) is written
+The one place that knows how: every artefact (shards, ``dataset.json``, partitions, ``skipped.tsv``,
+checkpoints and their manifests, client state, ``metrics.jsonl`` rewrites, ``summary.json``) is written
 to a temporary name in the same directory, flushed to disk, then ``os.replace``d onto its final
 name. A crash (or a SLURM time limit) therefore leaves either the old file, the new file, or a
 ``*.tmp-*`` leftover that the next run deletes, and a conversion can be resumed by looking at which
@@ -10,9 +11,11 @@ final names exist.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 TMP_MARK = ".tmp-"
 
@@ -54,6 +57,16 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | Path, data: Any, indent: int | None = 1) -> None:
+    """Write ``data`` as JSON to ``path`` atomically."""
+    write_text_atomic(path, json.dumps(data, indent=indent))
 
 
 def remove_stale_temps(directory: Path) -> list[Path]:

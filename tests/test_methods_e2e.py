@@ -1,0 +1,59 @@
+"""Every method through the real runner: the same model on 1 and 3 ranks, bit-exact resume on
+another rank count, and every registered name usable from the shipped configs with its defaults."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from osfed_hpc.algorithms import Environment, algorithm_names, get_algorithm
+from osfed_hpc.config import TrainConfig, load_config
+from osfed_hpc.flat import FlatModel
+from osfed_hpc.models import build_model
+from tests.conftest import ROOT, small_run_overrides
+from tests.test_run_e2e import osfed, summary
+
+METHODS = ["fedavg", "osfed", "sfc3", "e3sfc", "topk", "randtopk", "quant", "fedmpq_lite", "lora", "lorafair"]
+
+
+def test_every_registered_method_is_tested_here():
+    assert sorted(METHODS) == algorithm_names()
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_each_method_runs_from_the_shipped_config_with_its_defaults(name, model):
+    """``osfed-hpc run configs/mnist5k_fedavg.yaml algorithm=NAME`` resolves, records every option
+    with its default, and builds on the small models."""
+    config = load_config(ROOT / "configs" / "mnist5k_fedavg.yaml", [f"algorithm={name}", f"model.name={model}"])
+    cls = get_algorithm(name)
+    assert config.algorithm == {"name": name, **dataclasses.asdict(cls.Options())}
+    net = cls.adapt_model(build_model(model, 1, 28, 10, seed=0), config.algorithm_options(), 10, 0)
+    env = Environment(model=FlatModel(net), train=TrainConfig(), num_classes=10, input_shape=(1, 28, 28),
+                      device=torch.device("cpu"), seed=0, num_clients=10)
+    algorithm = cls(config.algorithm_options(), env)
+    assert algorithm.payload_size_hint() > 0
+
+
+def test_method_options_follow_a_method_switch():
+    config = load_config(ROOT / "configs" / "mnist5k_osfed.yaml", ["algorithm=topk", "algorithm.rate=0.05"])
+    assert config.algorithm["name"] == "topk" and config.algorithm["rate"] == 0.05
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_same_model_on_1_and_3_ranks_and_bit_exact_resume_on_2(digits_dir, tmp_path, name):
+    """3 rounds on 3 ranks == 2 rounds in one process, resumed from its checkpoint on 2 ranks."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = small_run_overrides(digits_dir, full, name, rounds=3)
+    first = osfed("run", *args, np=3, timeout=300)
+    assert first.returncode == 0, first.stderr
+    args = small_run_overrides(digits_dir, part, name, rounds=2)
+    assert osfed("run", *args, np=1, timeout=300).returncode == 0
+    second = osfed("run", "--resume", str(part), "rounds=3", np=2, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stdout
+    a, b = summary(full), summary(part)
+    assert a["model_sha256"] == b["model_sha256"]
+    assert (a["uplink_bytes"], a["downlink_bytes"]) == (b["uplink_bytes"], b["downlink_bytes"])
+    assert a["rejected_payloads"] == 0 and a["final_accuracy"] > 0
