@@ -33,11 +33,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, dataset, machine_info, partition, table, write_result  # first: sets OMP_NUM_THREADS, puts ROOT on sys.path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import (  # first: sets OMP_NUM_THREADS, puts ROOT on sys.path
+    ROOT,
+    dataset,
+    machine_info,
+    partition,
+    table,
+    write_result,
+)
 
 AIM = 1.05
 

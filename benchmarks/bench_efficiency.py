@@ -38,10 +38,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MPIRUN, ROOT, dataset, machine_info, partition, table, write_result  # first: sets OMP_NUM_THREADS, puts ROOT on sys.path
-
 import numpy as np
-
+from common import (  # first: sets OMP_NUM_THREADS, puts ROOT on sys.path
+    MPIRUN,
+    ROOT,
+    dataset,
+    machine_info,
+    partition,
+    table,
+    write_result,
+)
 
 # ---------------------------------------------------------------------------------------------
 # one run and its analysis
@@ -84,7 +90,7 @@ def analyse(run: dict, sizes: np.ndarray, workers: list[int], skip_first: bool) 
         wall = r["seconds"]["round"] - r["seconds"].get("evaluation", 0.0)
         load_lpt = {w: 0.0 for w in workers}
         load_rr = {w: 0.0 for w in workers}
-        for i, (c, s) in enumerate(zip(clients, secs)):
+        for c, s in zip(clients, secs):
             load_lpt[lpt[c]] += s
             load_rr[workers[c % len(workers)]] += s
         m_lpt, m_rr = max(load_lpt.values()), max(load_rr.values())

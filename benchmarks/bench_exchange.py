@@ -4,22 +4,22 @@ Two exchange paths of the runner, each against the bare mpi4py call that moves t
 
 * **snapshots** (OS-Fed-like, gathered): each worker hands one ``Payload`` object per client
   (``snapshot`` float32[1,3,R,R], ``labels`` float32[16,1000], ``scale`` float32[1]) to the
-  runner's own ``Runner._gather_payloads`` (called on a stand-in holding ``world`` and the
-  ``_frame`` it reuses across rounds): each payload is ``pack_into``'d straight into the frame,
+  runner's own ``exchange.GatherExchange`` (kept across rounds with its reused frame buffer):
+  each payload is ``pack_into``'d straight into the frame,
   which goes to rank 0 through ``World.gatherv_bytes`` (``Igather`` of the counts + ``Igatherv``
   with polite waits); rank 0 then ``Payload.unpack``s every client in client-id order. Bare: one
   blocking ``Gatherv`` of the already-packed bytes into a preallocated buffer, counts known
   beforehand.
 * **FedAvg** (ResNet-18-sized, streamed): each worker sends one update (float32[11,699,112]) per
-  client with the runner's ``StreamSender.send`` (packed into one of two reused buffers, at most
-  two in flight) and ``flush()``es at the end; rank 0 takes them in client-id order with
-  ``World.recv_bytes(..., into=<reused buffer>)``, ``Payload.unpack`` and
+  client with the runner's ``exchange.StreamExchange.send`` (packed into one of two reused buffers,
+  at most two in flight) and flushes at the end; rank 0 takes them in client-id order from
+  ``StreamExchange.receive`` (``World.recv_bytes(..., into=<reused buffer>)``), ``Payload.unpack`` and
   ``FedAvg.server_accumulate`` (the real fold, into the real ``FlatModel`` of ``resnet18``), then
   ``server_finish``, as ``Runner._aggregate`` does. Bare: blocking ``Send``/``Recv`` of the same
   packed bytes into one reused buffer, folded with one ``add_``; and, as a second reference,
   ``Reduce`` of the float32 updates (two clients per call), folded the same way.
 
-Checks (not timings), recorded under ``checks``: the bytes rank 0 gets from ``_gather_payloads``
+Checks (not timings), recorded under ``checks``: the bytes rank 0 gets from the gather exchange
 equal ``Payload.pack()`` of every client, and the runner path's folded FedAvg model equals the
 bare path's bit for bit.
 
@@ -42,12 +42,10 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
-from common import MPIRUN, machine_info, table, write_result  # first: sets OMP_NUM_THREADS, puts ROOT on sys.path
-
 import numpy as np
+from common import MPIRUN, machine_info, table, write_result  # first: sets OMP_NUM_THREADS, puts ROOT on sys.path
 
 AIM = 1.2
 TAG = 11  # the runner's payload tag
@@ -92,20 +90,18 @@ def snapshot_arrays(rank: int, resolution: int) -> tuple[np.ndarray, np.ndarray,
 
 
 class SnapshotCase:
-    """Gathered payloads: ``Runner._gather_payloads`` (Payload objects packed straight into the
-    runner's reused ``_frame``, then ``World.gatherv_bytes``) vs one bare ``Gatherv``."""
+    """Gathered payloads: the runner's ``exchange.GatherExchange`` (Payload objects packed straight
+    into its reused frame, then ``World.gatherv_bytes``) vs one bare ``Gatherv``."""
 
     def __init__(self, world, comm, clients: int, resolution: int) -> None:
         from osfed_hpc.comm import assign_clients, owner_map
-        from osfed_hpc.runner import Runner
+        from osfed_hpc.exchange import GatherExchange
 
         self.world, self.comm, self.clients, self.resolution = world, comm, clients, resolution
         self.name = f"snapshots {resolution}px"
         self.owner = owner_map(assign_clients(np.full(clients, 100), world.worker_ranks))
         self.mine = sorted(c for c, r in self.owner.items() if r == world.rank)
-        # a stand-in Runner: what _gather_payloads reads, with its frame kept across rounds like the runner's
-        self.runner = types.SimpleNamespace(world=world, _frame=None)
-        self.gather = lambda payloads: Runner._gather_payloads(self.runner, payloads)
+        self.exchange = GatherExchange(world)  # kept across rounds, as the runner keeps it
         self.snapshot, self.labels, self.scale = snapshot_arrays(world.rank, resolution)
         # the bare side: the same packed bytes, concatenated once, counts known in advance
         packed = [p.pack() for p in self.payloads().values()]
@@ -119,8 +115,18 @@ class SnapshotCase:
         self.payload_bytes = comm.allreduce(self.payload_bytes, op=_mpi().MAX)
 
     def payloads(self) -> dict:
-        """What a worker's ``_work`` hands to ``_gather_payloads``: one Payload object per client."""
+        """What a worker's ``_work`` hands to the exchange: one Payload object per client."""
         return {c: snapshot_payload(c, self.snapshot, self.labels, self.scale) for c in self.mine}
+
+    def gather(self, payloads: dict) -> dict | None:
+        """A worker: ``send`` each payload, then ``end_of_work`` (the Gatherv), as ``Runner._work``
+        does. Rank 0: ``receive`` (its Gatherv and the frame parsing), as ``Runner._aggregate`` does."""
+        if self.world.is_server:
+            return dict(self.exchange.receive(list(range(self.clients))))
+        for client, payload in payloads.items():
+            self.exchange.send(client, payload)
+        self.exchange.end_of_work()
+        return None
 
     def check(self) -> dict:
         """One runner gather: every client arrives, with exactly the bytes ``Payload.pack()`` gives."""
@@ -165,14 +171,15 @@ class SnapshotCase:
 
 
 class FedAvgCase:
-    """Streamed payloads: ``StreamSender.send`` per client + ``flush`` on the workers;
+    """Streamed payloads: ``StreamExchange.send`` per client + ``end_of_round`` on the workers;
     ``World.recv_bytes(into=...)`` + ``Payload.unpack`` + ``FedAvg.server_accumulate`` /
     ``server_finish`` on rank 0 (as ``Runner._aggregate``), vs bare ``Send``/``Recv`` + ``add_``."""
 
     def __init__(self, world, comm, clients: int) -> None:
         import torch
 
-        from osfed_hpc.comm import StreamSender, assign_clients, owner_map
+        from osfed_hpc.comm import assign_clients, owner_map
+        from osfed_hpc.exchange import StreamExchange
         from osfed_hpc.payload import Payload
 
         self.world, self.comm, self.clients = world, comm, clients
@@ -201,11 +208,10 @@ class FedAvgCase:
         self.payload_bytes = len(example)
         self.array_offset = len(example) - 4 * self.numel
         self.result: dict[str, object] = {}
+        self.exchange = StreamExchange(world, self.owner)  # the runner keeps one for its lifetime
         if world.is_worker:
             self.packed = self.payload(0).pack()
-            self.sender = StreamSender(world, dest=0, tag=TAG)  # the runner keeps one for its lifetime
         else:
-            self._receive_buffer = None  # the runner's reused receive buffer
             self.recv_buffer = np.empty(self.payload_bytes, dtype=np.uint8)
             self.transfer_buffer = None
             self.reduce_buffer = np.empty(self.numel, dtype=np.float32)
@@ -250,7 +256,7 @@ class FedAvgCase:
                     fold += time.perf_counter() - t1
                     recv += t1 - t0
                 t0 = time.perf_counter()
-                self.result[variant] = self.model.vector + self.sum * (1.0 / self.clients)
+                self.result[variant] = self.model.vector + self.sum / self.clients  # as WeightedMean.mean
                 return {"exchange": recv, "fold": fold + time.perf_counter() - t0}
             for _ in self.mine:
                 comm.Send(self.packed, dest=0, tag=TAG)
@@ -284,13 +290,14 @@ class FedAvgCase:
             world.wait_all([r for _ in self.mine for r in world.isend_bytes(self.packed, dest=0, tag=TAG)[1:]])
             return {"wait": time.perf_counter() - t0}
         with Blocking(variant.endswith("busy_wait")):
-            if world.is_server:  # Runner._aggregate, streamed branch
+            if world.is_server:  # Runner._aggregate with the stream exchange
                 recv = fold = 0.0
                 algorithm = self.algorithm
                 algorithm.server_begin(1)
+                received = self.exchange.receive(list(range(self.clients)))
                 for client in range(self.clients):
                     t0 = time.perf_counter()
-                    data = self._receive_buffer = world.recv_bytes(self.owner[client], TAG, into=self._receive_buffer)
+                    _, data = next(received)
                     t1 = time.perf_counter()
                     payload = Payload.unpack(data)
                     if payload.meta.get("client") != client or payload.meta.get("round") != 1:
@@ -301,13 +308,13 @@ class FedAvgCase:
                 t0 = time.perf_counter()
                 self.result[variant] = algorithm.server_finish()
                 return {"exchange": recv, "fold": fold + time.perf_counter() - t0}
-            send = 0.0  # Runner._work: sender.send per client in id order; Runner.run_round: flush at the end
+            send = 0.0  # Runner._work: exchange.send per client in id order; end_of_round flushes
             for client in self.mine:
                 t0 = time.perf_counter()
-                self.sender.send(self.payload(client))
+                self.exchange.send(client, self.payload(client))
                 send += time.perf_counter() - t0
             t0 = time.perf_counter()
-            self.sender.flush()
+            self.exchange.end_of_round()
             return {"send": send, "wait": time.perf_counter() - t0}
 
 def _mpi():

@@ -84,7 +84,7 @@ def bench_raw(work: Path, device: torch.device, epochs: int, repeats: int) -> li
         batches = epochs * -(-n // batch)
 
         def ours() -> None:
-            for x, y in client.batches(torch.Generator().manual_seed(0), batch, epochs=epochs):
+            for _batch in client.batches(torch.Generator().manual_seed(0), batch, epochs=epochs):  # noqa: B023
                 pass
             sync(device)
 
@@ -96,7 +96,7 @@ def bench_raw(work: Path, device: torch.device, epochs: int, repeats: int) -> li
                 perm = torch.randperm(n, generator=g).to(device)
                 for s in range(0, n, batch):
                     idx = perm[s : s + batch]
-                    x, y = images.index_select(0, idx), labels.index_select(0, idx)
+                    images.index_select(0, idx), labels.index_select(0, idx)  # noqa: B023
             sync(device)
 
         times = interleaved_best({"ours": ours, "plain": plain}, repeats)

@@ -33,7 +33,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MPIRUN, ROOT, dataset, machine_info, partition, table, write_result  # first: sets OMP_NUM_THREADS, puts ROOT on sys.path
+from common import (  # first: sets OMP_NUM_THREADS, puts ROOT on sys.path
+    MPIRUN,
+    ROOT,
+    dataset,
+    machine_info,
+    partition,
+    table,
+    write_result,
+)
 
 MODEL_SHAPES = {"cnn": (1, 28, 10), "resnet18_gn": (3, 224, 1000)}  # channels, side, classes
 MiB = 2**20
@@ -55,7 +63,6 @@ def rss() -> tuple[int, int]:
 
 def store_case(model_name: str, clients: int, storage: str, rounds: int = 2) -> dict:
     """Runs inside the child process: build the model, then fill the store like OS-Fed does."""
-    import numpy as np
     import torch
 
     from osfed_hpc.algorithms.local_training import count_participation

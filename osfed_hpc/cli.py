@@ -34,11 +34,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_partition(args: argparse.Namespace) -> int:
     from .data import DatasetReader, Partition, make_partition
+    from .data.partition import check_partition_args
 
+    check_partition_args(args.clients, args.scheme, args.alpha, args.min_samples)  # before opening any file
     reader = DatasetReader(args.data)
     partition = make_partition(reader, args.clients, args.scheme, alpha=args.alpha, seed=args.seed,
                                min_samples=args.min_samples, allow_small=args.allow_small)
-    path = Path(args.out) if args.out else Partition.default_path(args.data, args.scheme, args.clients, args.alpha, args.seed)
+    path = Path(args.out) if args.out else Partition.default_path(args.data, args.scheme, args.clients,
+                                                                   args.alpha, args.seed)
     partition.save(path)
     print(partition.summary_table(reader))
     print(f"wrote {path}")
@@ -97,6 +100,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if config_path is None:
             config_path = str(Path(args.resume) / "config.yaml")
         overrides.append(f"out={args.resume}")
+    if args.dry_run:  # no MPI: mpi4py is never imported on this path
+        from .plan import dry_run
+
+        return dry_run(config_path, overrides, ranks=args.ranks, runs_dir=args.runs_dir, resume_dir=args.resume)
     config = load_config(config_path, overrides)
     world = World.from_mpi()
     install_abort_hook(world)
@@ -123,7 +130,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .plan import config_keys_table
+
     parser = argparse.ArgumentParser(prog="osfed-hpc", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"osfed-hpc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="convert a dataset to HDF5 shards")
@@ -155,9 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, default=64)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("run", help="train (under mpirun/srun: rank 0 server, others workers)")
+    p = sub.add_parser("run", help="train (under mpirun/srun: rank 0 server, others workers)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=config_keys_table())
     p.add_argument("items", nargs="*", metavar="CONFIG.yaml | key.sub=value")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and resolve the config, print it with the client placement and per-rank "
+                        "memory/checkpoint/bytes estimates, and exit; no MPI, nothing written")
+    p.add_argument("--ranks", type=int, default=3, metavar="N",
+                   help="--dry-run: plan for N MPI ranks (rank 0 the server; N=1: one process does all); default 3")
+    p.add_argument("--runs-dir", default="runs", metavar="DIR",
+                   help="--dry-run: earlier runs to take the seconds per round from (default: runs)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="compare finished runs (accuracy, uplink bytes, ratio to FedAvg)")

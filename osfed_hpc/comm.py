@@ -49,7 +49,7 @@ class World:
     counter: ByteCounter = field(default_factory=ByteCounter)
 
     @classmethod
-    def from_mpi(cls, comm=None) -> "World":
+    def from_mpi(cls, comm=None) -> World:
         """The job's world (or any communicator, e.g. a sub-world in tests)."""
         comm = comm if comm is not None else _mpi().COMM_WORLD
         return cls(comm=comm, rank=comm.Get_rank(), size=comm.Get_size())

@@ -24,6 +24,11 @@ class ConfigError(UserError):
     """A config problem, always naming the offending key."""
 
 
+#: seeds go into numpy's SeedSequence (non-negative) and torch.manual_seed (64 bits)
+SEED_MAX = 2**64 - 1
+SEED_RANGE = "an integer in [0, 2**64 - 1] (seeds feed numpy SeedSequence and torch.manual_seed)"
+
+
 @dataclass
 class DataConfig:
     #: prepared dataset directory (``osfed-hpc prepare`` output)
@@ -48,6 +53,7 @@ class DataConfig:
         _require(self.scheme in ("dirichlet", "iid"), "data.scheme", self.scheme, "'dirichlet' or 'iid'")
         _require(self.alpha > 0 and math.isfinite(self.alpha), "data.alpha", self.alpha, "a number > 0")
         _require(self.min_samples >= 0, "data.min_samples", self.min_samples, "an integer >= 0")
+        _require(0 <= self.partition_seed <= SEED_MAX, "data.partition_seed", self.partition_seed, SEED_RANGE)
         _require(self.resolution is None or self.resolution >= 4, "data.resolution", self.resolution, "null or >= 4")
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
         _require(self.source in (None, "mnist5k", "digits"), "data.source", self.source, "null, 'mnist5k' or 'digits'")
@@ -89,9 +95,11 @@ class TrainConfig:
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _require(self.lr > 0 and math.isfinite(self.lr), "train.lr", self.lr, "a number > 0")
         _require(0 <= self.momentum < 1, "train.momentum", self.momentum, "in [0, 1)")
-        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        _require(self.weight_decay >= 0 and math.isfinite(self.weight_decay), "train.weight_decay",
+                 self.weight_decay, "a finite number >= 0")
         _require(0 < self.lr_decay <= 1, "train.lr_decay", self.lr_decay, "in (0, 1]")
-        _require(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", self.grad_clip, "null or > 0")
+        _require(self.grad_clip is None or (self.grad_clip > 0 and math.isfinite(self.grad_clip)), "train.grad_clip",
+                 self.grad_clip, "null or a finite number > 0")
 
 
 @dataclass
@@ -145,6 +153,12 @@ class RuntimeConfig:
     #: payloads of a round are gathered in one collective while they fit in this many MiB on
     #: rank 0 together, else streamed one at a time (see osfed_hpc.exchange)
     gather_limit_mb: int = 256
+    #: deterministic kernels and no TF32 for local training: auto (on for CPU, off for CUDA), on or
+    #: off (see devices.make_deterministic for what each keeps bitwise); snapshot synthesis and
+    #: decoding always run with exact numerics. YAML's bare on/off (booleans) are accepted too.
+    deterministic: str | bool = "auto"
+    #: also write TensorBoard event files (rank 0, in the run directory); needs the tensorboard package
+    tensorboard: bool = False
 
     def validate(self) -> None:
         _require(self.device in ("auto", "cpu", "cuda"), "runtime.device", self.device, "auto, cpu or cuda")
@@ -153,6 +167,14 @@ class RuntimeConfig:
         _require(self.checkpoint_every >= 0, "runtime.checkpoint_every", self.checkpoint_every, ">= 0")
         _require(self.client_state in ("memory", "disk"), "runtime.client_state", self.client_state, "memory or disk")
         _require(self.gather_limit_mb >= 0, "runtime.gather_limit_mb", self.gather_limit_mb, "an integer >= 0")
+        if isinstance(self.deterministic, bool):  # YAML 1.1 reads a bare on/off as true/false
+            self.deterministic = "on" if self.deterministic else "off"
+        _require(self.deterministic in ("auto", "on", "off"), "runtime.deterministic", self.deterministic,
+                 "auto, on or off")
+        if self.tensorboard:
+            from .tensorboard import require_tensorboard
+
+            require_tensorboard()
 
 
 @dataclass
@@ -173,6 +195,7 @@ class Config:
 
     def validate(self) -> None:
         _require(self.rounds >= 1, "rounds", self.rounds, "an integer >= 1")
+        _require(0 <= self.seed <= SEED_MAX, "seed", self.seed, SEED_RANGE)
         _require(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
         for section in (self.data, self.model, self.train, self.server, self.eval, self.runtime):
             section.validate()
@@ -306,7 +329,12 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
     if not path.is_file():
         raise ConfigError(f"{what} {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start}: {exc.reason}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {str(path)!r} cannot be read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

@@ -10,9 +10,10 @@ import math
 import os
 import resource
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -84,7 +85,27 @@ class MetricsLog:
         write_text_atomic(self.path, "".join(line + "\n" for line in keep))
 
 
-def progress_line(record: dict[str, Any]) -> str:
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS`` (hours unbounded): 192.4 -> '0:03:12', 90061 -> '25:01:01'."""
+    total = max(0, int(round(seconds)))
+    return f"{total // 3600}:{total // 60 % 60:02d}:{total % 60:02d}"
+
+
+def round_eta(round_seconds: list[float], rounds_left: int) -> float | None:
+    """Mean seconds of the rounds done in this process x rounds left (None before the first round
+    or after the last)."""
+    if not round_seconds or rounds_left <= 0:
+        return None
+    return sum(round_seconds) / len(round_seconds) * rounds_left
+
+
+def client_done_line(rank: int, size: int, round_: int, client: int, seconds: float, done: int, total: int) -> str:
+    """A worker's line for a finished client in a slow round:
+    ``[rank 2/3] round 5: client 17 done in 64.2 s (3/10)``."""
+    return f"[rank {rank}/{size}] round {round_}: client {client} done in {seconds:.1f} s ({done}/{total})"
+
+
+def progress_line(record: dict[str, Any], eta_seconds: float | None = None) -> str:
     acc = record.get("test_accuracy")
     acc_text = f"{100 * acc:6.2f}%" if isinstance(acc, float) else "   -   "
     loss = record.get("train_loss")
@@ -92,6 +113,7 @@ def progress_line(record: dict[str, Any]) -> str:
         f"round {record['round']:4d} | acc {acc_text} | loss {loss if loss is None else f'{loss:.4f}'} | "
         f"uplink {record['uplink_bytes_total'] / 1e6:10.3f} MB | {record['seconds']['round']:6.2f} s"
         + (f" | rejected {record['rejected']}" if record.get("rejected") else "")
+        + (f" | eta {format_duration(eta_seconds)}" if eta_seconds is not None else "")
     )
 
 

@@ -7,8 +7,7 @@ normalisation at all) next to the torchvision originals.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn

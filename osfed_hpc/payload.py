@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -98,7 +99,7 @@ class Payload:
         return self.packed_size()
 
     @classmethod
-    def unpack(cls, buffer: bytes | bytearray | memoryview | np.ndarray) -> "Payload":
+    def unpack(cls, buffer: bytes | bytearray | memoryview | np.ndarray) -> Payload:
         """Parse wire bytes; arrays are read-only views into ``buffer`` (no copy)."""
         view = memoryview(buffer).cast("B") if not isinstance(buffer, np.ndarray) else memoryview(
             np.ascontiguousarray(buffer).view(np.uint8).reshape(-1)
@@ -185,7 +186,21 @@ def require(payload: Payload, expected: Mapping[str, tuple[str, tuple[int, ...]]
             )
 
 
-def to_tensor(array: np.ndarray, device) -> "torch.Tensor":
+def require_meta(meta: Mapping[str, Any], expected: Mapping[str, Any], context: str) -> None:
+    """Check a payload header against what this round and config expect: every expected key with
+    its value, nothing else, and no ``rejected`` mark (a client that could not encode its update
+    sends one so the round's bookkeeping still sees it)."""
+    if "rejected" in meta:
+        raise ValueError(f"{context}: the client rejected its own update: {meta['rejected']}")
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise ValueError(f"{context}: payload {key}={meta.get(key)!r}, expected {value!r}")
+    extra = set(meta) - set(expected)
+    if extra:
+        raise ValueError(f"{context}: unexpected payload meta {sorted(extra)}")
+
+
+def to_tensor(array: np.ndarray, device) -> torch.Tensor:
     """A payload array as a tensor on ``device``; zero-copy on CPU when the buffer is writable."""
     import torch
 

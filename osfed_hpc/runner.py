@@ -13,6 +13,7 @@ is chosen per round from the payload sizes (``osfed_hpc.exchange``).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -30,25 +31,38 @@ import torch.nn.functional as F
 import yaml
 
 from . import checkpoint as ckpt
-from .atomic import write_json_atomic, write_text_atomic
 from .algorithms import Algorithm, ClientContext, Environment, ReceivedMessage, ServerMessage, get_algorithm
 from .algorithms.server_optimizer import ServerOptimizer
 from .algorithms.update_guard import UpdateGuard
+from .atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .client_state import ClientStateStore
 from .comm import World, assign_clients, owner_map
-from .exchange import MODE_NAMES, Exchanges, choose_mode, pack_frame, unpack_frame
 from .config import Config, ConfigError
-from .devices import configure_threads, describe, make_deterministic, select_device
+from .devices import configure_threads, describe, deterministic_numerics, make_deterministic, select_device
 from .errors import AgreedStop, RunError
+from .exchange import MODE_NAMES, Exchanges, choose_mode, pack_frame, unpack_frame
 from .flat import FlatModel
-from .metrics import MetricsLog, PhaseTimer, peak_memory_bytes, progress_line, reset_peak_memory
+from .metrics import (
+    MetricsLog,
+    PhaseTimer,
+    client_done_line,
+    peak_memory_bytes,
+    progress_line,
+    reset_peak_memory,
+    round_eta,
+)
 from .models import build_model, load_pretrained
 from .payload import Payload
+from .provenance import record_environment
 from .rng import select_clients, torch_stream
+from .tensorboard import TensorBoardLog
 
 #: frame keys of the server message's method data (per-client data uses the client id)
 _COMMON, _DIAGNOSTICS = -1, -2
 _RECORD_HEAD = ("client", "seconds", "peak_memory_bytes", "payload_bytes", "num_samples")
+#: once a rank's work in a round has run this long, it prints a line per finished client (a long
+#: ImageNet round is never silent); a module constant so tests can lower it
+SLOW_ROUND_S = 60.0
 
 
 @dataclass
@@ -87,6 +101,15 @@ def _prepare_inputs_on_root(config: Config, world: World, run_dir: Path, resume:
         print(f"[osfed-hpc] preparing {data.source} into {path}", flush=True)
         prepare_dataset(data.source, path, progress=False)
     reader = DatasetReader(path)
+    if not data.partition:  # checked before a partition is made: an absurd count must not start one
+        samples = reader.count("train")
+        if data.clients > samples:
+            raise ConfigError(f"config key 'data.clients': got {data.clients}, expected at most {samples} (the "
+                              f"training samples of {path}: every client needs at least one)")
+        if data.clients * data.min_samples > samples:
+            raise ConfigError(f"config keys 'data.clients' x 'data.min_samples': {data.clients} x {data.min_samples} "
+                              f"samples needed, {path} has {samples} training samples; use fewer clients or a "
+                              f"smaller data.min_samples")
     if data.partition:
         part_path = Path(data.partition)
         if not part_path.exists():
@@ -109,12 +132,18 @@ def _prepare_inputs_on_root(config: Config, world: World, run_dir: Path, resume:
     if ntasks and int(ntasks) > 1 and world.size == 1 and not os.environ.get("OSFED_ALLOW_SINGLETON"):
         raise RunError(f"SLURM started {ntasks} tasks but this MPI world has 1 rank: the MPI library was "
                        f"not started by srun (check --mpi=pmix) and each task runs alone")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"out={str(run_dir)!r} is an existing file, expected a run directory (a new or empty one); "
+                       f"choose another out=")
     if run_dir.exists() and not resume and any(run_dir.iterdir()):
         raise RunError(f"run directory {str(run_dir)!r} exists and is not empty; use "
                        f"'osfed-hpc run --resume {run_dir}' or another out=")
     if resume and ckpt.latest_checkpoint(run_dir) is None:
         raise RunError(f"cannot resume: {str(run_dir)!r} has no complete checkpoint")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"run directory {str(run_dir)!r} cannot be created: {exc.strerror or exc}") from None
     if not os.access(run_dir, os.W_OK):
         raise RunError(f"run directory {str(run_dir)!r} is not writable")
     config.data.partition = str(part_path)  # resolved, so every rank and the saved config agree
@@ -161,8 +190,8 @@ class Runner:
         self.stop_requested = False
         self.install_signal_handlers()  # first: a SLURM signal during setup must not kill a rank
         self.threads = configure_threads(config.runtime.threads, world.comm, config.data.num_workers)
-        make_deterministic()
         self.device = select_device(config.runtime.device)
+        make_deterministic(deterministic_numerics(config.runtime.deterministic, self.device))
         self.inputs = setup_inputs(config, world, run_dir, resume)
         self.num_clients = self.inputs.partition.num_clients
         self.sizes = np.asarray(self.inputs.partition.sizes, dtype=np.int64)
@@ -195,6 +224,9 @@ class Runner:
         if resume:
             self._restore(ckpt.latest_checkpoint(run_dir))
         self._say_hello()
+        record_environment(run_dir, world, describe(self.device), resume, self.start_round, self.threads)  # env.jsonl
+        self.tensorboard = TensorBoardLog.open(config, run_dir, self.start_round) if world.is_server else None
+        self.round_seconds: list[float] = []  # rounds done in this process, for the ETA
 
     # construction helpers --------------------------------------------------------------------
     def _new_model(self) -> FlatModel:
@@ -271,7 +303,8 @@ class Runner:
     def run(self) -> str:
         """Run until ``config.rounds`` or a stop request; returns 'finished' or 'stopped'."""
         if self.world.is_server:
-            write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+            with ckpt.disk_full_guard(self.run_dir / "config.yaml", self.run_dir):
+                write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         self.wall_start = time.perf_counter()
         for round_ in range(self.start_round, self.config.rounds + 1):
             if self._broadcast_stop():
@@ -383,6 +416,7 @@ class Runner:
         """Run every selected client this rank hosts, in client-id order, each from the round's W_t."""
         records = []
         mine = [c for c in selected if self.owner[c] == self.world.rank]
+        work_start = time.perf_counter()
         for client in mine:
             self.worker_model.load_(self.replica)
             state = self.store.get(client)
@@ -404,6 +438,9 @@ class Runner:
             stats = [result.stats.get(name, float("nan")) for name in self.stat_names]
             records.append([client, seconds, peak_memory_bytes(self.device), result.payload.packed_size(),
                             self.train_data[client].num_samples, *stats])
+            if time.perf_counter() - work_start >= SLOW_ROUND_S:
+                print(client_done_line(self.world.rank, self.world.size, round_, client, seconds, len(records),
+                                       len(mine)), flush=True)
         exchange.end_of_work()
         return records
 
@@ -504,8 +541,12 @@ class Runner:
             client_stats={name: [float(v) for v in columns[name]] for name in _RECORD_HEAD[1:] + tuple(self.stat_names)},
             server_stats=outcome["server_stats"],
         )
-        self.log.append(record)
-        print(progress_line(record), flush=True)
+        with ckpt.disk_full_guard(self.log.path, self.run_dir):
+            self.log.append(record)
+        if self.tensorboard is not None:
+            self.tensorboard.log_round(record)
+        self.round_seconds.append(seconds["round"])
+        print(progress_line(record, round_eta(self.round_seconds, self.config.rounds - round_)), flush=True)
         self.last_record = record
 
     # checkpoint / resume ---------------------------------------------------------------------
@@ -516,16 +557,18 @@ class Runner:
             return
         directory = ckpt.checkpoint_dir(self.run_dir, round_done)
         if self.world.is_server:
-            directory.mkdir(parents=True, exist_ok=True)
+            ckpt.begin_checkpoint(directory)
         self.world.barrier()
-        if self.world.is_worker:
-            ckpt.write_client_states(directory, {c: self.store.get(c) for c in self.my_clients})
-        self.world.barrier()
+        records = {}
+        if self.world.is_worker:  # each writer hashes what it writes: rank 0 never reads client files back
+            records = ckpt.write_client_states(directory, {c: self.store.get(c) for c in self.my_clients})
+        gathered = self.world.gatherv_bytes(ckpt.encode_file_records(records))  # also: every rank has written
         if self.world.is_server:
             ckpt.write_server_part(
                 directory, round_done, self.server_model.vector.cpu().numpy(), self._server_state(),
                 self.config.to_dict(), self.server_model.sha256(),
                 {"totals": self.totals, "world_size": self.world.size, "wall_seconds": self._wall()},
+                client_files=ckpt.decode_file_records(*gathered),
             )
         self.world.barrier()
 
@@ -592,7 +635,13 @@ class Runner:
             "model_params": self.server_model.param_numel,
             "model_sha256": self.server_model.sha256(),
         }
-        torch.save(self.server_model.model.state_dict(), self.run_dir / "model.pt")
-        write_json_atomic(self.run_dir / "summary.json", summary)
+        model_file = io.BytesIO()  # serialised first: a full disk is then an OSError naming model.pt, never half a file
+        torch.save(self.server_model.model.state_dict(), model_file)
+        with ckpt.disk_full_guard(self.run_dir / "model.pt", self.run_dir):
+            write_bytes_atomic(self.run_dir / "model.pt", model_file.getbuffer())
+        with ckpt.disk_full_guard(self.run_dir / "summary.json", self.run_dir):
+            write_json_atomic(self.run_dir / "summary.json", summary)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         print(f"[osfed-hpc] done: {json.dumps(summary)}", flush=True)
         return summary

@@ -13,7 +13,7 @@ and it treats the bytes as untrusted: every inconsistency is a ``ValueError``.
 from __future__ import annotations
 
 import io
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch

@@ -124,7 +124,8 @@ def test_imagenet_config_runs_on_other_data(jpeg_data, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     result = subprocess.run(
         [PYTHON, "-m", "osfed_hpc", "run", "configs/imagenet1k.yaml", f"data.path={jpeg_data}",
-         f"data.partition={partition}", "data.resolution=64", "model.name=resnet18", "rounds=2", f"out={out}"],
+         f"data.partition={partition}", "data.resolution=64", "model.name=resnet18", "rounds=2", f"out={out}",
+         "runtime.device=cpu"],
         cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -140,7 +141,7 @@ def _knobs(data: Path, out: Path, res: int, workers: int) -> dict[str, str]:
     # local_steps makes a round last about a second, so the signal lands mid-run on any machine
     return dict(DATA=str(data), RES=str(res), CLIENTS="4", ALGO="fedavg", OUT=str(out),
                 EXTRA=f"model.name=cnn rounds=4 data.alpha=1.0 train.local_steps=30 train.batch_size=8 "
-                      f"data.num_workers={workers} seed=3 runtime.threads=1")
+                      f"data.num_workers={workers} seed=3 runtime.threads=1 runtime.device=cpu")
 
 
 @pytest.mark.slow

@@ -8,8 +8,16 @@ import torch
 from torch import nn
 
 from osfed_hpc.lora import (
-    LoRAConv2d, LoRALinear, apply_lora, find_head, lora_A_matrix, lora_B_matrix, lora_delta, lora_layers,
-    lora_slices, trainable_parameters,
+    LoRAConv2d,
+    LoRALinear,
+    apply_lora,
+    find_head,
+    lora_A_matrix,
+    lora_B_matrix,
+    lora_delta,
+    lora_layers,
+    lora_slices,
+    trainable_parameters,
 )
 from osfed_hpc.models import build_model, load_pretrained
 

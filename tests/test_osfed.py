@@ -10,8 +10,8 @@ import torch
 from osfed_hpc.algorithms import get_algorithm
 from osfed_hpc.algorithms.base import ClientContext, Environment
 from osfed_hpc.algorithms.local_training import local_sgd
-from osfed_hpc.algorithms.server_optimizer import ServerOptimizer
 from osfed_hpc.algorithms.osfed import OSFed, least_squares_scale
+from osfed_hpc.algorithms.server_optimizer import ServerOptimizer
 from osfed_hpc.algorithms.sfc3 import SFC3
 from osfed_hpc.config import TrainConfig as PackageTrainConfig
 from osfed_hpc.flat import FlatModel

@@ -34,7 +34,8 @@ def make_env(num_clients: int = 3, seed: int = 0) -> Environment:
 
 def make_data(seed: int, n: int = 40) -> TensorClientData:
     gen = torch.Generator().manual_seed(seed)
-    return TensorClientData(torch.randn(n, 1, SIZE, SIZE, generator=gen), torch.randint(0, CLASSES, (n,), generator=gen))
+    x = torch.randn(n, 1, SIZE, SIZE, generator=gen)
+    return TensorClientData(x, torch.randint(0, CLASSES, (n,), generator=gen))
 
 
 def make_ctx(client_id: int, round: int = 1, state=None, message=None) -> ClientContext:
@@ -376,7 +377,7 @@ def test_fedmpq_budget_relations():
 
 def test_allocation_meets_budget_and_bounds():
     rng = np.random.default_rng(0)
-    for trial in range(50):
+    for _trial in range(50):
         sizes = rng.integers(1, 500, rng.integers(1, 12)).tolist()
         s = rng.exponential(size=len(sizes)) * rng.choice([0, 1, 1e6], size=len(sizes))
         min_bits = int(rng.integers(1, 5))

@@ -15,7 +15,6 @@ from osfed_hpc import sweep as sw
 from osfed_hpc.cli import main
 from osfed_hpc.config import ConfigError, load_config
 from osfed_hpc.data import Partition
-
 from tests.fake_slurm import JOBS, ROOT
 
 TABLE10 = ROOT / "configs" / "sweeps" / "imagenet1k_table10.yaml"
@@ -232,6 +231,7 @@ set:
   data.alpha: 1.0
   data.num_workers: 0
   runtime.threads: 1
+  runtime.device: cpu
   model.name: cnn
   rounds: 2
   train.local_steps: 2

@@ -65,7 +65,8 @@ def _expected_k(sizes: list[int], rate: float) -> int:
 
 def _dense(payload: Payload, numel: int) -> torch.Tensor:
     out = torch.zeros(numel)
-    out[torch.from_numpy(payload.arrays["indices"].astype(np.int64))] = torch.from_numpy(payload.arrays["values"].copy())
+    index = torch.from_numpy(payload.arrays["indices"].astype(np.int64))
+    out[index] = torch.from_numpy(payload.arrays["values"].copy())
     return out
 
 
@@ -406,6 +407,22 @@ def test_damaged_payloads_are_rejected_naming_client_and_round(kind):
         algo.server_accumulate(3, Payload.unpack(_damage(kind, good, algo).pack()), 10.0)
     # a rejected payload leaves no trace in the fold; a good one still counts
     algo.server_accumulate(3, Payload.unpack(good.pack()), 10.0)
+    torch.testing.assert_close(algo.server_finish(), model.vector + _dense(good, model.numel))
+
+
+def test_update_guard_rejects_an_absurd_sparse_update():
+    model = _model()
+    algo = TopK(TopK.Options(rate=0.05), _env(model))
+    tau = torch.randn(model.numel, generator=torch.Generator().manual_seed(4))
+    good = _payload(algo, 1, 2, tau)
+    assert float(np.linalg.norm(good.arrays["values"])) < 100
+    algo.env.update_guard.begin_round(1.0)  # reference norm 1: more than 100x is refused
+    algo.server_begin(2)
+    huge = Payload(meta=good.meta, arrays={"values": good.arrays["values"] * np.float32(1e6),
+                                           "indices": good.arrays["indices"]})
+    with pytest.raises(ValueError, match="client 1, round 2"):
+        algo.server_accumulate(1, Payload.unpack(huge.pack()), 5.0)
+    algo.server_accumulate(1, Payload.unpack(good.pack()), 5.0)
     torch.testing.assert_close(algo.server_finish(), model.vector + _dense(good, model.numel))
 
 

@@ -133,7 +133,7 @@ class Algorithm:
     #: keys of ``ClientResult.stats``, in a fixed order so stats cross MPI as float64 records
     client_stat_names: ClassVar[tuple[str, ...]] = ("train_loss", "local_steps")
 
-    def __init__(self, options: "Algorithm.Options", env: Environment) -> None:
+    def __init__(self, options: Algorithm.Options, env: Environment) -> None:
         if hasattr(options, "validate"):  # a plain dataclass without checks is fine too
             options.validate()
         self.options = options
@@ -141,7 +141,7 @@ class Algorithm:
 
     # the model ---------------------------------------------------------------------------------
     @classmethod
-    def adapt_model(cls, net: nn.Module, options: "Algorithm.Options", num_classes: int, seed: int) -> nn.Module:
+    def adapt_model(cls, net: nn.Module, options: Algorithm.Options, num_classes: int, seed: int) -> nn.Module:
         """Change the freshly built (and pretrained-loaded) model before it is flattened, e.g. add
         LoRA adapters and freeze the backbone. Must be deterministic: every rank calls it."""
         return net
@@ -179,10 +179,15 @@ class Algorithm:
         """Return the new flat trainable state (parameters then float buffers)."""
         raise NotImplementedError
 
-    def new_mean(self, like: torch.Tensor, round: int) -> "WeightedMean":
+    def new_mean(self, like: torch.Tensor, round: int) -> WeightedMean:
         """A weighted mean for this round's fold whose ``add`` first checks each client's update
         with the run's update guard (non-finite or absurdly large: rejected, named)."""
         return WeightedMean(like, self.env.update_guard, round)
+
+    def apply_mean(self, mean: WeightedMean) -> torch.Tensor:
+        """The new state from a round's weighted mean: W_t unchanged when no client was accepted."""
+        update = mean.mean()
+        return self.env.model.vector.clone() if update is None else self.apply_update(update)
 
     def server_generator(self, round: int, purpose: str = "server") -> torch.Generator:
         """The server's random stream for ``round``: keyed by (seed, purpose, round), never by rank."""
@@ -222,6 +227,13 @@ class WeightedMean:
         if self.guard is not None and client is not None:
             self.guard.check(client, self.round, update)
         self.sum.add_(update, alpha=weight)
+        self.weight += weight
+
+    def add_sparse(self, indices: torch.Tensor, values: torch.Tensor, weight: float, client: int | None = None) -> None:
+        """``add`` for an update that is zero outside ``indices`` (unique); its norm is that of ``values``."""
+        if self.guard is not None and client is not None:
+            self.guard.check(client, self.round, values)
+        self.sum.index_add_(0, indices, values, alpha=weight)
         self.weight += weight
 
     def mean(self) -> torch.Tensor | None:

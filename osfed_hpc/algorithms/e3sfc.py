@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..payload import Payload, require
+from ..payload import Payload, require, require_meta
 from .base import ClientContext, ClientResult, ReceivedMessage, ServerMessage
 from .error_feedback import ErrorFeedback
 from .options import require_bool, require_int
@@ -65,7 +65,7 @@ class E3SFC(OSFed):
             require_int("drift_every", self.drift_every, 0)
             require_bool("server_error_feedback", self.server_error_feedback)
 
-    def __init__(self, options: "E3SFC.Options", env) -> None:
+    def __init__(self, options: E3SFC.Options, env) -> None:
         super().__init__(options, env)
         # server side
         self.server_feedback = ErrorFeedback(options.server_error_feedback, env.model.param_numel, RESIDUAL_KEY)
@@ -145,18 +145,12 @@ class E3SFC(OSFed):
     def check_server_snapshot(self, payload: Payload, round: int) -> None:
         """Raise ValueError unless ``payload`` is this config's server snapshot of ``round``."""
         context = f"server snapshot of round {round}"
-        expected = self.header(round, SERVER)
-        for key, value in expected.items():
-            if payload.meta.get(key) != value:
-                raise ValueError(f"{context}: {key}={payload.meta.get(key)!r}, expected {value!r}")
-        extra = set(payload.meta) - set(expected)
-        if extra:
-            raise ValueError(f"{context}: unexpected meta {sorted(extra)}")
+        require_meta(payload.meta, self.header(round, SERVER), context)
         require(payload, self._expected_arrays(), context)
         if not np.isfinite(np.asarray(payload.arrays["scale"], dtype=np.float32)).all():
             raise ValueError(f"{context}: scale holds NaN or Inf")
 
-    def decode_server_snapshot(self, payload: Payload, round: int) -> tuple["float | torch.Tensor", torch.Tensor]:
+    def decode_server_snapshot(self, payload: Payload, round: int) -> tuple[float | torch.Tensor, torch.Tensor]:
         """(s_g, g_g) at the model's current weights: the same decoder the clients' payloads go through."""
         self.check_server_snapshot(payload, round)
         scales = np.array(payload.arrays["scale"], dtype=np.float32)
@@ -169,7 +163,7 @@ class E3SFC(OSFed):
             raise ValueError(f"server snapshot of round {round}: snapshot or labels hold NaN or Inf")
         return scale, self._direction(snapshots, labels)
 
-    def _advanced(self, vector: torch.Tensor, scale: "float | torch.Tensor", direction: torch.Tensor) -> torch.Tensor:
+    def _advanced(self, vector: torch.Tensor, scale: float | torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
         """W + s g on the parameters (buffers unchanged): one code path, so server and workers
         round identically."""
         state = vector.clone()

@@ -48,5 +48,4 @@ class FedAvg(Algorithm):
         return {}
 
     def server_finish(self) -> torch.Tensor:
-        mean = self._mean.mean()
-        return self.env.model.vector.clone() if mean is None else self.apply_update(mean)
+        return self.apply_mean(self._mean)

@@ -37,9 +37,10 @@ from __future__ import annotations
 import heapq
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,18 +53,33 @@ from .quant import HINT_NUMBER, MAX_BITS, QuantizedUpdates
 SENSITIVITY = "fedmpq.sensitivity"
 
 
-def allocate_bits(sensitivity: np.ndarray, sizes: Sequence[int], budget: float, min_bits: int, max_bits: int) -> np.ndarray:
-    """Greedy per-tensor widths (uint8) with sum d_l b_l <= floor(budget * sum d_l), min_bits <= b_l <= max_bits.
+def allocate_bits(
+    sensitivity: np.ndarray, sizes: Sequence[int], budget: float, min_bits: int, max_bits: int
+) -> np.ndarray:
+    """Per-tensor widths (uint8) with sum d_l b_l <= floor(budget * sum d_l), min_bits <= b_l <= max_bits,
+    minimising the modelled quantization error sum_l s_l d_l 4^{-b_l}.
 
-    Deterministic: the key s_l 4^{-b_l} is an exact power-of-two scaling of s_l, and ties go to the
-    lower index. A tensor whose next bit no longer fits is dropped (the room left only shrinks).
+    Grow: greedy by error removed per bit of cost (s_l 4^{-b_l}), ties to the lower index. Then
+    prune-and-grow: when the best next bit does not fit (typically the one huge fc tensor once the
+    small tensors are full), take bits from the tensors that lose least until it fits, if that lowers
+    the error; then grow again into what is left. Without this step a model with one dominant tensor
+    uses far less than its budget (MNIST CNN at budget 4: 3.1 bits). Deterministic throughout.
     """
     sizes = [int(d) for d in sizes]
     s = np.asarray(sensitivity, dtype=np.float64)
     bits = [min_bits] * len(sizes)
     limit = math.floor(Fraction(budget) * sum(sizes))
-    used = min_bits * sum(sizes)
-    heap = [(-math.ldexp(float(s[l]), -2 * min_bits), l) for l in range(len(sizes)) if min_bits < max_bits]
+    used = _grow(bits, s, sizes, limit, min_bits * sum(sizes), max_bits)
+    while True:
+        moved = _prune_and_grow(bits, s, sizes, limit - used, min_bits, max_bits)
+        if moved is None:
+            return np.asarray(bits, dtype=np.uint8)
+        used = _grow(bits, s, sizes, limit, used + moved, max_bits)
+
+
+def _grow(bits: list[int], s: np.ndarray, sizes: list[int], limit: int, used: int, max_bits: int) -> int:
+    """Add bits greedily while they fit; returns the bits used."""
+    heap = [(-math.ldexp(float(s[l]), -2 * bits[l]), l) for l in range(len(sizes)) if bits[l] < max_bits]
     heapq.heapify(heap)
     while heap:
         _, l = heapq.heappop(heap)
@@ -73,7 +89,32 @@ def allocate_bits(sensitivity: np.ndarray, sizes: Sequence[int], budget: float, 
         used += sizes[l]
         if bits[l] < max_bits:
             heapq.heappush(heap, (-math.ldexp(float(s[l]), -2 * bits[l]), l))
-    return np.asarray(bits, dtype=np.uint8)
+    return used
+
+
+def _prune_and_grow(bits: list[int], s: np.ndarray, sizes: list[int], room: int, min_bits: int,
+                    max_bits: int) -> int | None:
+    """One improving move: a bit for the tensor with the largest gain that does not fit, paid for by
+    bits of the tensors that lose least per freed bit. Returns the change in bits used, or None."""
+    gains = [(0.75 * s[l] * sizes[l] * 4.0 ** -bits[l], l) for l in range(len(sizes))
+             if bits[l] < max_bits and sizes[l] > room]
+    for gain, grow in sorted(gains, key=lambda g: (-g[0], g[1])):
+        need = sizes[grow] - room
+        candidates = sorted((3.0 * s[l] * 4.0 ** -bits[l], l) for l in range(len(sizes))
+                            if l != grow and bits[l] > min_bits)
+        freed, loss, pruned = 0, 0.0, []
+        for per_value, l in candidates:  # cheapest loss per freed value first
+            if freed >= need:
+                break
+            pruned.append(l)
+            freed += sizes[l]
+            loss += per_value * sizes[l]
+        if freed >= need and loss < gain:
+            for l in pruned:
+                bits[l] -= 1
+            bits[grow] += 1
+            return sizes[grow] - freed
+    return None
 
 
 def sensitivities(update: torch.Tensor, sizes: Sequence[int]) -> np.ndarray:
@@ -91,7 +132,8 @@ def bits_digest(bits: np.ndarray) -> int:
 def _require_budget(key: str, value: Any, low: int) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or not low <= value <= MAX_BITS:
-        raise ValueError(f"algorithm.{key} must be a number in [{low}, {MAX_BITS}] (>= algorithm.min_bits), got {value!r}")
+        raise ValueError(f"algorithm.{key} must be a number in [{low}, {MAX_BITS}] (>= algorithm.min_bits), "
+                         f"got {value!r}")
 
 
 class FedMPQLite(QuantizedUpdates):
@@ -119,13 +161,14 @@ class FedMPQLite(QuantizedUpdates):
             _require_budget("budget", self.budget, self.min_bits)
             if self.budgets is not None:
                 if not isinstance(self.budgets, list) or not self.budgets:
-                    raise ValueError(f"algorithm.budgets must be a non-empty list of numbers or null, got {self.budgets!r}")
+                    raise ValueError(f"algorithm.budgets must be a non-empty list of numbers or null, "
+                                     f"got {self.budgets!r}")
                 for value in self.budgets:
                     _require_budget("budgets", value, self.min_bits)
             require_bool("error_feedback", self.error_feedback)
             require_choice("weighting", self.weighting, ("samples", "uniform"))
 
-    def __init__(self, options: "FedMPQLite.Options", env) -> None:
+    def __init__(self, options: FedMPQLite.Options, env) -> None:
         super().__init__(options, env)
         if options.budgets is not None and len(options.budgets) != env.num_clients:
             raise ValueError(f"algorithm.budgets has {len(options.budgets)} entries, the run has "

@@ -51,12 +51,12 @@ class LoRA(FedAvg):
             require_int("rank", self.rank, 1)
             require_positive("alpha", self.alpha)
 
-    def __init__(self, options: "LoRA.Options", env: Environment) -> None:
+    def __init__(self, options: LoRA.Options, env: Environment) -> None:
         super().__init__(options, env)
         self.slices = adapter_slices(env.model.model, env.model.param_numel, self.name)
 
     @classmethod
-    def adapt_model(cls, net: nn.Module, options: "LoRA.Options", num_classes: int, seed: int) -> nn.Module:
+    def adapt_model(cls, net: nn.Module, options: LoRA.Options, num_classes: int, seed: int) -> nn.Module:
         """Freeze ``net`` and add adapters; the A factors come from a stream keyed by the run's
         seed alone, so every rank builds the same adapters without communicating."""
         options.validate()
@@ -115,7 +115,7 @@ class LoRAFair(LoRA):
             if not (ok and math.isfinite(self.ridge) and self.ridge >= 0):
                 raise ValueError(f"algorithm.ridge must be a finite number >= 0, got {self.ridge!r}")
 
-    def __init__(self, options: "LoRAFair.Options", env: Environment) -> None:
+    def __init__(self, options: LoRAFair.Options, env: Environment) -> None:
         super().__init__(options, env)
         #: sum over layers of |dB|_F in the last server_finish (a diagnostic; 0 before any round)
         self.last_correction_norm = 0.0

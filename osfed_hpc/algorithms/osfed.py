@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..models import has_batchnorm
-from ..payload import Payload, require
+from ..payload import Payload, require, require_meta
 from ..snapshot import (
     MultiGrid,
     SynthesisConfig,
@@ -35,6 +35,7 @@ from .base import Algorithm, ClientContext, ClientResult, client_weight
 from .error_feedback import ErrorFeedback
 from .local_training import local_update, with_local_steps
 from .options import require_bool, require_choice, require_int, require_positive
+
 #: encode and decode run in eval mode (no dropout; BatchNorm models are refused outright)
 MODE = "eval"
 
@@ -157,7 +158,7 @@ class OSFed(Algorithm):
                 adam_steps=self.adam_steps, per_tensor_scales=self.scales == "tensor",
             )
 
-    def __init__(self, options: "OSFed.Options", env) -> None:
+    def __init__(self, options: OSFed.Options, env) -> None:
         super().__init__(options, env)
         if has_batchnorm(env.model.model):
             raise ValueError(
@@ -289,17 +290,17 @@ class OSFed(Algorithm):
         self._round = round
         self._mean = self.new_mean(self.env.model.params_vector, round)
 
-    def _scaled(self, scale: "float | torch.Tensor", direction: torch.Tensor) -> torch.Tensor:
+    def _scaled(self, scale: float | torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
         """s * g*, with one scale per parameter tensor when ``scale`` is a tensor of them."""
         if not torch.is_tensor(scale):
             return scale * direction
         sizes = torch.tensor(self.tensor_sizes, device=direction.device)
         return torch.repeat_interleave(scale.to(direction.device), sizes) * direction
 
-    def decode(self, client_id: int, payload: Payload) -> tuple["float | torch.Tensor", torch.Tensor]:
+    def decode(self, client_id: int, payload: Payload) -> tuple[float | torch.Tensor, torch.Tensor]:
         """Validate a payload against this round and config, return (s, g*) at the current W_t."""
         context = f"client {client_id}, round {self._round}"
-        self._check_header(payload.meta, client_id, context)
+        require_meta(payload.meta, self.header(self._round, client_id), context)
         require(payload, self._expected_arrays(), context)
         scales = np.asarray(payload.arrays["scale"], dtype=np.float32)
         if not np.isfinite(scales).all():
@@ -313,17 +314,6 @@ class OSFed(Algorithm):
             raise ValueError(f"{context}: snapshot or labels hold NaN or Inf")
         return scale, self._direction(snapshots, labels)
 
-    def _check_header(self, meta: dict[str, Any], client_id: int, context: str) -> None:
-        expected = self.header(self._round, client_id)
-        for key, value in expected.items():
-            if meta.get(key) != value:
-                raise ValueError(f"{context}: payload {key}={meta.get(key)!r}, expected {value!r}")
-        if "rejected" in meta:
-            raise ValueError(f"{context}: the client rejected its own update: {meta['rejected']}")
-        extra = set(meta) - set(expected)
-        if extra:
-            raise ValueError(f"{context}: unexpected payload meta {sorted(extra)}")
-
     def server_accumulate(self, client_id: int, payload: Payload, weight: float) -> dict[str, float]:
         scale, direction = self.decode(client_id, payload)
         update = self._scaled(scale, direction)
@@ -333,5 +323,4 @@ class OSFed(Algorithm):
     def server_finish(self) -> torch.Tensor:
         """W_t + the server optimizer's step on the mean decoded update (parameters); float buffers
         (GroupNorm models have none) are carried over unchanged: a snapshot says nothing about them."""
-        mean = self._mean.mean()
-        return self.env.model.vector.clone() if mean is None else self.apply_update(mean)
+        return self.apply_mean(self._mean)

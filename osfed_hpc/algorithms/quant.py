@@ -26,14 +26,15 @@ the client and server logic both methods share.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..payload import Payload, require
-from .base import Algorithm, ClientContext, ClientResult, WeightedMean, client_weight
+from ..payload import Payload, require, require_meta
+from .base import Algorithm, ClientContext, ClientResult, client_weight
 from .error_feedback import ErrorFeedback
 from .local_training import local_update
 from .options import require_bool, require_choice, require_int
@@ -108,7 +109,8 @@ def unpack_codes(packed: np.ndarray, bits: Any, count: int, sizes: Sequence[int]
     runs = _segments(bits, count, sizes)
     total_bits = sum(n * b for n, b in runs)
     if packed.dtype != np.uint8 or packed.shape != ((total_bits + 7) // 8,):
-        raise ValueError(f"packed codes are {packed.dtype}{list(packed.shape)}, expected uint8[{(total_bits + 7) // 8}]")
+        raise ValueError(f"packed codes are {packed.dtype}{list(packed.shape)}, "
+                         f"expected uint8[{(total_bits + 7) // 8}]")
     if total_bits % 8 and int(packed[-1]) & ((1 << (8 - total_bits % 8)) - 1):
         raise ValueError("packed codes have non-zero padding bits")
     codes = np.empty(int(count), dtype=np.uint8)
@@ -227,7 +229,8 @@ class QuantizedUpdates(Algorithm):
     def packed_size(self, meta: dict[str, Any], codes_bytes: int) -> int:
         """Exact packed bytes of a payload with this header and ``codes_bytes`` of codes."""
         n = len(self.sizes)
-        arrays = {"codes": np.empty(codes_bytes, np.uint8), "lo": np.empty(n, np.float32), "hi": np.empty(n, np.float32)}
+        arrays = {"codes": np.empty(codes_bytes, np.uint8),
+                  "lo": np.empty(n, np.float32), "hi": np.empty(n, np.float32)}
         return Payload(meta=meta, arrays=arrays).packed_size()
 
     # worker side ---------------------------------------------------------------------------------
@@ -257,13 +260,13 @@ class QuantizedUpdates(Algorithm):
     # server side ---------------------------------------------------------------------------------
     def server_begin(self, round: int) -> None:
         self._round = round
-        self._mean = WeightedMean(self.env.model.vector)
+        self._mean = self.new_mean(self.env.model.vector, round)
 
     def decode(self, client_id: int, payload: Payload) -> torch.Tensor:
         """Validate a payload against the bits expected from this client, return the decoded update (CPU)."""
         context = f"client {client_id}, round {self._round}"
         bits = self.expected_bits(client_id)
-        self._check_header(payload.meta, self.header(self._round, client_id, bits), context)
+        require_meta(payload.meta, self.header(self._round, client_id, bits), context)
         require(payload, self.expected_arrays(bits), context)
         lo, hi = payload.arrays["lo"], payload.arrays["hi"]
         check_ranges(lo, hi, context)
@@ -276,25 +279,13 @@ class QuantizedUpdates(Algorithm):
             raise ValueError(f"{context}: decoded update holds NaN or Inf")
         return decoded
 
-    @staticmethod
-    def _check_header(meta: dict[str, Any], expected: dict[str, Any], context: str) -> None:
-        if "rejected" in meta:
-            raise ValueError(f"{context}: the client rejected its own update: {meta['rejected']}")
-        for key, value in expected.items():
-            if meta.get(key) != value:
-                raise ValueError(f"{context}: payload {key}={meta.get(key)!r}, expected {value!r}")
-        extra = set(meta) - set(expected)
-        if extra:
-            raise ValueError(f"{context}: unexpected payload meta {sorted(extra)}")
-
     def server_accumulate(self, client_id: int, payload: Payload, weight: float) -> dict[str, float]:
         decoded = self.decode(client_id, payload).to(self._mean.sum.device)
-        self._mean.add(decoded, client_weight(self.options.weighting, weight))
+        self._mean.add(decoded, client_weight(self.options.weighting, weight), client_id)
         return {}
 
     def server_finish(self) -> torch.Tensor:
-        mean = self._mean.mean()
-        return self.env.model.vector.clone() if mean is None else self.apply_update(mean)
+        return self.apply_mean(self._mean)
 
 
 class Quant(QuantizedUpdates):
@@ -314,7 +305,7 @@ class Quant(QuantizedUpdates):
             require_bool("error_feedback", self.error_feedback)
             require_choice("weighting", self.weighting, ("samples", "uniform"))
 
-    def __init__(self, options: "Quant.Options", env) -> None:
+    def __init__(self, options: Quant.Options, env) -> None:
         super().__init__(options, env)
         self.bits = np.full(len(self.sizes), options.bits, dtype=np.uint8)
 

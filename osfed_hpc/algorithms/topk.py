@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..payload import Payload, require, to_tensor
-from .base import Algorithm, ClientContext, ClientResult, WeightedMean, client_weight
+from ..payload import Payload, require, require_meta, to_tensor
+from .base import Algorithm, ClientContext, ClientResult, client_weight
 from .error_feedback import ErrorFeedback
 from .local_training import local_update
 from .options import require_bool, require_choice, require_fraction
@@ -93,7 +93,7 @@ class TopK(Algorithm):
             require_bool("error_feedback", self.error_feedback)
             require_choice("weighting", self.weighting, ("samples", "uniform"))
 
-    def __init__(self, options: "TopK.Options", env) -> None:
+    def __init__(self, options: TopK.Options, env) -> None:
         super().__init__(options, env)
         model = env.model
         if model.numel > MAX_NUMEL:
@@ -134,11 +134,8 @@ class TopK(Algorithm):
     # selection ---------------------------------------------------------------------------------
     def select(self, target: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Global indices (int64, sorted ascending, on ``target``'s device) of the entries sent."""
-        chosen = []
-        for offset, size, k, piece in zip(self.offsets, self.tensor_sizes, self.keep_counts,
-                                          target.split(self.tensor_sizes)):
-            chosen.append(self.select_tensor(piece, k, generator) + offset)
-        return torch.cat(chosen)
+        pieces = zip(self.offsets, self.keep_counts, target.split(self.tensor_sizes))
+        return torch.cat([self.select_tensor(piece, k, generator) + offset for offset, k, piece in pieces])
 
     def select_tensor(self, piece: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
         """Local indices (sorted) of the k entries of one tensor to send."""
@@ -152,7 +149,8 @@ class TopK(Algorithm):
         self.error_feedback.keep(ctx.state, residual)
         return ClientResult(payload, {**local.stats, **stats})
 
-    def compress(self, target: torch.Tensor, ctx: ClientContext) -> tuple[Payload, torch.Tensor | None, dict[str, float]]:
+    def compress(self, target: torch.Tensor,
+                 ctx: ClientContext) -> tuple[Payload, torch.Tensor | None, dict[str, float]]:
         """(payload, residual tau - sent or None when it must stay as it was, stats) for ``target``."""
         meta = self.header(ctx.round, ctx.client_id)
         if not bool(torch.isfinite(target).all()):
@@ -176,21 +174,12 @@ class TopK(Algorithm):
     # server side -------------------------------------------------------------------------------
     def server_begin(self, round: int) -> None:
         self._round = round
-        self._mean = WeightedMean(self.env.model.vector)
+        self._mean = self.new_mean(self.env.model.vector, round)
 
     def decode(self, client_id: int, payload: Payload) -> tuple[np.ndarray, np.ndarray]:
         """Check a payload against this round and config; return (values, indices) as numpy views."""
         context = f"client {client_id}, round {self._round}"
-        meta = payload.meta
-        if "rejected" in meta:
-            raise ValueError(f"{context}: the client rejected its own update: {meta['rejected']}")
-        expected = self.header(self._round, client_id)
-        for key, value in expected.items():
-            if meta.get(key) != value:
-                raise ValueError(f"{context}: payload {key}={meta.get(key)!r}, expected {value!r}")
-        extra = set(meta) - set(expected)
-        if extra:
-            raise ValueError(f"{context}: unexpected payload meta {sorted(extra)}")
+        require_meta(payload.meta, self.header(self._round, client_id), context)
         require(payload, {"values": ("float32", (self.num_kept,)), "indices": ("int32", (self.num_kept,))}, context)
         values, indices = payload.arrays["values"], payload.arrays["indices"]
         if not np.isfinite(values).all():
@@ -204,20 +193,19 @@ class TopK(Algorithm):
         counts = np.diff(np.searchsorted(indices, self.offsets))
         if counts.tolist() != self.keep_counts:
             bad = int(np.flatnonzero(counts != np.asarray(self.keep_counts))[0])
-            raise ValueError(f"{context}: tensor {bad} has {int(counts[bad])} indices, expected {self.keep_counts[bad]}")
+            raise ValueError(f"{context}: tensor {bad} has {int(counts[bad])} indices, "
+                             f"expected {self.keep_counts[bad]}")
         return values, indices
 
     def server_accumulate(self, client_id: int, payload: Payload, weight: float) -> dict[str, float]:
         values, indices = self.decode(client_id, payload)
         device = self._mean.sum.device
-        index = torch.from_numpy(indices.astype(np.int64)).to(device)
-        self._mean.sum.index_add_(0, index, to_tensor(values, device), alpha=client_weight(self.options.weighting, weight))
-        self._mean.weight += client_weight(self.options.weighting, weight)
+        self._mean.add_sparse(torch.from_numpy(indices.astype(np.int64)).to(device), to_tensor(values, device),
+                              client_weight(self.options.weighting, weight), client_id)
         return {}
 
     def server_finish(self) -> torch.Tensor:
-        mean = self._mean.mean()
-        return self.env.model.vector.clone() if mean is None else self.apply_update(mean)
+        return self.apply_mean(self._mean)
 
 
 class RandTopK(TopK):

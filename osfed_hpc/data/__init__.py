@@ -47,10 +47,16 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-if TYPE_CHECKING:
-    from .errors import DataError
-    from .hdf5 import DatasetReader
-    from .loader import ClientData, EncodedImages, InMemoryImages, build_eval_data, build_train_data
-    from .partition import Partition, dirichlet_partition, iid_partition, load_partition, make_partition
-    from .prepare import prepare_dataset
-    from .verify import verify_dataset
+if TYPE_CHECKING:  # for type checkers only: at run time ``__getattr__`` imports these on first use
+    from .errors import DataError  # noqa: F401
+    from .hdf5 import DatasetReader  # noqa: F401
+    from .loader import ClientData, EncodedImages, InMemoryImages, build_eval_data, build_train_data  # noqa: F401
+    from .partition import (  # noqa: F401
+        Partition,
+        dirichlet_partition,
+        iid_partition,
+        load_partition,
+        make_partition,
+    )
+    from .prepare import prepare_dataset  # noqa: F401
+    from .verify import verify_dataset  # noqa: F401

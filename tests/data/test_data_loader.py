@@ -124,7 +124,7 @@ def test_encoded_workers_do_not_change_tensors(jpeg):
 def test_encoded_full_batch_inside_a_batches_loop_and_resolution_48(jpeg):
     data = build_train_data(jpeg, np.arange(22), "cpu", 48, num_workers=0)
     client = data.client(np.array([1, 2, 3, 10]))
-    for x, y in client.batches(gen(0), 2):
+    for x, _ in client.batches(gen(0), 2):
         full_x, full_y = client.full_batch()
         assert x.shape == (2, 3, 48, 48) and full_x.shape == (4, 3, 48, 48)
     assert np.array_equal(full_y.numpy(), jpeg.labels("train")[[1, 2, 3, 10]])

