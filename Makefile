@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 1
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[local-mpi,test,demo,report,tensorboard]'
+	$(PY) -m pip install -c constraints.txt -e '.[local-mpi,test,demo,report,tensorboard]'
 	@touch $(STAMP)
 
 install: $(STAMP)

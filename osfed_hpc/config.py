@@ -186,7 +186,7 @@ class Config:
     out: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    #: ``name`` plus the chosen algorithm's own options (see ``osfed-hpc run --help-algorithm``)
+    #: ``name`` plus the chosen algorithm's own options (README "Methods"; recorded with defaults filled in)
     algorithm: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
     train: TrainConfig = field(default_factory=TrainConfig)
     server: ServerConfig = field(default_factory=ServerConfig)

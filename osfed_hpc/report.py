@@ -430,11 +430,7 @@ def plot_bytes_curves(runs: list[dict[str, Any]], target: float | None, out: Pat
     One solid line per run (the dashed style is taken by the target line, drawn when there is a
     target); uplink alone is what compression methods save, the total is what the network carries.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     labels = curve_labels(runs)
     written = []
     for name, xlabel, directions in (
@@ -458,13 +454,7 @@ def plot_bytes_curves(runs: list[dict[str, Any]], target: float | None, out: Pat
             ax.set_xscale("log")  # FedAvg and snapshot methods differ by orders of magnitude
         ax.set_xlabel(xlabel + (" (log scale)" if drawn else ""))
         ax.set_ylabel("test top-1 accuracy (%)")
-        ax.grid(True, alpha=0.3)
-        if drawn or target is not None:  # outside the axes, as in plot_curves
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=2 if drawn > 12 else 1)
-        path = out / name
-        fig.savefig(path, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, ax, out / name, drawn, legend=bool(drawn) or target is not None))
     return written
 
 
@@ -472,12 +462,22 @@ def plot_bytes_curves(runs: list[dict[str, Any]], target: float | None, out: Pat
 # plots
 
 
-def plot_curves(runs: list[dict[str, Any]], out: Path) -> list[Path]:
-    """accuracy_vs_round.png and accuracy_vs_uplink.png, one line per run (matplotlib, Agg)."""
-    import matplotlib
-
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, or a clear error naming the extra that brings it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise RunError("report --out draws plots with matplotlib, which is not installed: "
+                       "pip install 'osfed-hpc[report]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(runs: list[dict[str, Any]], out: Path) -> list[Path]:
+    """accuracy_vs_round.png and accuracy_vs_uplink.png, one line per run (matplotlib, Agg)."""
+    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     written = []
@@ -503,14 +503,18 @@ def plot_curves(runs: list[dict[str, Any]], out: Path) -> list[Path]:
             ax.set_xscale("log")  # FedAvg and snapshot methods differ by orders of magnitude
         if xkey == "round":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(True, alpha=0.3)
-        if drawn:  # outside the axes: with 18 runs a legend inside hides the curves
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=2 if drawn > 12 else 1)
-        path = out / name
-        fig.savefig(path, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, ax, out / name, drawn, legend=bool(drawn)))
     return written
+
+
+def _save(plt, fig, ax, path: Path, lines: int, legend: bool) -> Path:
+    """Grid, the legend outside the axes (with 18 runs a legend inside hides the curves), PNG."""
+    ax.grid(True, alpha=0.3)
+    if legend:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=2 if lines > 12 else 1)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
