@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 1
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -c constraints.txt -e '.[local-mpi,test,demo,report,tensorboard]'
+	$(PY) -m pip install -c constraints.txt -e '.[local-mpi,test,demo,report,tensorboard,generative]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -27,7 +27,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check osfed_hpc tests benchmarks
-	$(PY) -m pytest -q -m "not mpi" tests
+	$(PY) -m pytest -q -n 2 -m "not mpi" tests
 	$(MPIRUN) -n $(NP) $(PY) -m pytest -q --with-mpi -m mpi -p no:cacheprovider tests
 
 bench: $(STAMP)

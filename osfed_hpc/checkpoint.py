@@ -41,7 +41,7 @@ KEEP = 2
 #: config keys that may change between a run and its resumption (they do not change the model)
 RESUMABLE_KEYS = ("rounds", "out", "eval", "runtime.checkpoint_every", "runtime.threads",
                   "runtime.state_dir", "runtime.client_state", "runtime.debug", "runtime.gather_limit_mb",
-                  "runtime.tensorboard",
+                  "runtime.tensorboard", "runtime.save_snapshots",
                   "data.num_workers")
 
 
@@ -77,6 +77,13 @@ def _sha256(path: Path) -> str:
 
 def checkpoint_dir(run_dir: Path, round_done: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"round-{round_done:06d}"
+
+
+def phase_checkpoint_dir(run_dir: Path, round_done: int, epoch: int) -> Path:
+    """A checkpoint inside round ``round_done + 1``'s server phase, after ``epoch`` epochs. The name
+    sorts after ``round-<round_done>`` and before ``round-<round_done + 1>``, so "newest" stays the
+    last name in order."""
+    return Path(run_dir) / "checkpoints" / f"round-{round_done:06d}-phase-{epoch:06d}"
 
 
 def _run_dir_of(directory: Path) -> Path:
@@ -320,6 +327,14 @@ def read_manifest(path: Path) -> dict[str, Any]:
     wall = manifest.get("wall_seconds", 0.0)
     if not _is_number(wall):
         raise bad(f"'wall_seconds' is {_show(wall)}, expected a finite number")
+    phase = manifest.get("phase")
+    if phase is not None:
+        ok = (isinstance(phase, dict) and all(_is_int(phase.get(k)) for k in ("round", "epoch", "epochs"))
+              and phase["round"] == manifest["round"] + 1 and 0 <= phase["epoch"] <= phase["epochs"]
+              and isinstance(phase.get("record"), dict))
+        if not ok:
+            raise bad(f"'phase' is {_show(phase)}, expected {{'round': the next round, 'epoch' <= 'epochs', "
+                      f"'record': an object}}")
     return manifest
 
 

@@ -61,7 +61,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import run_report
 
-    return run_report(args.runs, args.out, target=args.target)
+    return run_report(args.runs, args.out, target=args.target, include_snapshots=args.include_snapshots)
 
 
 def _split_run_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -181,10 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="compare finished runs (accuracy, uplink bytes, ratio to FedAvg)")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", help="also write report.csv, report.md, bytes_to_target.csv and PNG plots into this folder")
+    p.add_argument("--out", help="also write report.csv, report.md, bytes_to_target.csv and PNG plots into this folder "
+                                  "(and gallery.md when runs saved snapshot pictures)")
     p.add_argument("--target", metavar="ACC",
                    help="accuracy for the bytes-to-target table: a fraction (0.85) or a percentage (85, or 0.5%%); "
                         "default: 90%% of the best FedAvg run's final accuracy")
+    p.add_argument("--include-snapshots", action="store_true",
+                   help="with --out: copy the runs' snapshot pictures (RUN/snapshots/*.png) into the folder and show "
+                        "them in gallery.md; off by default because snapshots are derived from client data (without "
+                        "it the gallery only lists their paths)")
     p.set_defaults(func=cmd_report)
 
     _add_cluster_commands(sub)

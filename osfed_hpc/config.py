@@ -127,9 +127,13 @@ class EvalConfig:
     #: evaluate on the test split every this many rounds (and always after the last round)
     every: int = 1
     batch_size: int = 500
+    #: during a server phase (one-shot and distillation methods), also evaluate every this many phase
+    #: epochs (0: only when the phase ends)
+    phase_every: int = 0
 
     def validate(self) -> None:
         _require(self.every >= 1, "eval.every", self.every, "an integer >= 1")
+        _require(self.phase_every >= 0, "eval.phase_every", self.phase_every, "an integer >= 0")
         _require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "an integer >= 1")
 
 
@@ -159,8 +163,12 @@ class RuntimeConfig:
     deterministic: str | bool = "auto"
     #: also write TensorBoard event files (rank 0, in the run directory); needs the tensorboard package
     tensorboard: bool = False
+    #: every this many rounds, snapshot methods write a PNG of what the selected clients sent into
+    #: RUN/snapshots/ (rank 0; derived from client data, so off by default). 0: never
+    save_snapshots: int = 0
 
     def validate(self) -> None:
+        _require(self.save_snapshots >= 0, "runtime.save_snapshots", self.save_snapshots, "an integer >= 0")
         _require(self.device in ("auto", "cpu", "cuda"), "runtime.device", self.device, "auto, cpu or cuda")
         _require(self.threads >= 0, "runtime.threads", self.threads, "an integer >= 0")
         _require(self.amp in ("none", "bf16"), "runtime.amp", self.amp, "none or bf16")

@@ -67,8 +67,9 @@ class MetricsLog:
                 break  # a torn last line from a killed job
         return out
 
-    def truncate_after(self, round_done: int) -> None:
-        """Keep the lines of rounds <= ``round_done``; move the rest to ``metrics.jsonl.discarded``."""
+    def truncate_after(self, round_done: int, phase: tuple[int, int] | None = None) -> None:
+        """Keep the lines of rounds <= ``round_done`` (and, with ``phase=(round, epoch)``, that round's
+        server-phase lines up to ``epoch``); move the rest to ``metrics.jsonl.discarded``."""
         if not self.path.exists():
             return
         keep, drop = [], []
@@ -78,11 +79,35 @@ class MetricsLog:
             except json.JSONDecodeError:
                 drop.append(line)
                 continue
-            (keep if record.get("round", 0) <= round_done else drop).append(line)
+            (keep if _kept(record, round_done, phase) else drop).append(line)
         if drop:
             with open(self.path.with_suffix(".jsonl.discarded"), "a") as handle:
                 handle.write("\n".join(drop) + "\n")
         write_text_atomic(self.path, "".join(line + "\n" for line in keep))
+
+
+def _kept(record: dict[str, Any], round_done: int, phase: tuple[int, int] | None) -> bool:
+    round_ = record.get("round", 0)
+    if round_ <= round_done:
+        return True
+    return phase is not None and round_ == phase[0] and "phase_epoch" in record and record["phase_epoch"] <= phase[1]
+
+
+def round_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The one line per round of ``metrics.jsonl`` (server-phase lines, which carry ``phase_epoch``, left out)."""
+    return [r for r in records if "phase_epoch" not in r]
+
+
+def phase_progress_line(line: dict[str, Any], eta_seconds: float | None = None) -> str:
+    """``[server phase] round 1 epoch 3/20 loss 0.4121 (2.1 s) acc 91.20% ETA 0:00:36``"""
+    stats = " ".join(f"{k} {v:.4g}" for k, v in line["phase_stats"].items())
+    text = (f"[server phase] round {line['round']} epoch {line['phase_epoch']}/{line['phase_epochs']} "
+            f"{stats} ({line['seconds']:.1f} s)")
+    if line.get("test_accuracy") is not None:
+        text += f" acc {100 * line['test_accuracy']:.2f}%"
+    if eta_seconds is not None:
+        text += f" ETA {format_duration(eta_seconds)}"
+    return text
 
 
 def format_duration(seconds: float) -> str:
@@ -110,7 +135,7 @@ def progress_line(record: dict[str, Any], eta_seconds: float | None = None) -> s
     acc_text = f"{100 * acc:6.2f}%" if isinstance(acc, float) else "   -   "
     loss = record.get("train_loss")
     return (
-        f"round {record['round']:4d} | acc {acc_text} | loss {loss if loss is None else f'{loss:.4f}'} | "
+        f"round {record['round']:4d} | acc {acc_text} | loss {'  -   ' if loss is None else f'{loss:.4f}'} | "
         f"uplink {record['uplink_bytes_total'] / 1e6:10.3f} MB | {record['seconds']['round']:6.2f} s"
         + (f" | rejected {record['rejected']}" if record.get("rejected") else "")
         + (f" | eta {format_duration(eta_seconds)}" if eta_seconds is not None else "")

@@ -192,6 +192,10 @@ def _build_model_and_algorithm(config, num_classes: int, input_shape: tuple[int,
     from .models import build_model, load_pretrained
 
     cls = get_algorithm(config.algorithm["name"])
+    try:
+        cls.check_rounds(config.rounds)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     options = config.algorithm_options()
     c, h, _ = input_shape
     net = build_model(config.model.name, c, h, num_classes, seed=config.seed)
@@ -200,7 +204,7 @@ def _build_model_and_algorithm(config, num_classes: int, input_shape: tuple[int,
             load_pretrained(net, config.model.pretrained)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    net = cls.adapt_model(net, options, num_classes, config.seed)
+    net = cls.adapt_model(net, options, num_classes, config.seed, tuple(input_shape))
     flat = FlatModel(net, channels_last=config.runtime.channels_last)
     env = Environment(model=flat, train=config.train, num_classes=num_classes, input_shape=input_shape,
                       device=torch.device("cpu"), seed=config.seed, num_clients=config.data.clients)
@@ -237,7 +241,10 @@ def median_round_seconds(runs_dir: Path, model: str, resolution: int, algorithm:
             continue
         for line in lines:
             try:
-                value = json.loads(line).get("seconds", {}).get("round")
+                record = json.loads(line)
+                if "phase_epoch" in record:  # a server-phase line; its round's line has the round's time
+                    continue
+                value = record.get("seconds", {}).get("round")
             except (json.JSONDecodeError, AttributeError):
                 break
             if isinstance(value, (int, float)) and math.isfinite(value):

@@ -34,9 +34,9 @@ from .errors import RunError
 
 COLUMNS = ("run", "algorithm", "model", "clients", "resolution", "rounds", "final_accuracy",
            "uplink_bytes_per_client_round", "uplink_bytes", "uplink_ratio_vs_fedavg", "gap_to_fedavg_points",
-           "wall_seconds", "world_size")
+           "wall_seconds", "server_phase_seconds", "world_size")
 #: the per-run CSV: the comparison columns plus the per-client cost from metrics.jsonl
-RUN_COLUMNS = COLUMNS + ("client_seconds_mean", "client_peak_memory_bytes", "run_dir")
+RUN_COLUMNS = COLUMNS + ("client_seconds_mean", "client_peak_memory_bytes", "server_phase_peak_memory_bytes", "run_dir")
 TABLE10_COLUMNS = ("resolution", "clients", "fedavg_top1", "osfed_top1", "osfed_client_seconds_mean",
                    "osfed_client_peak_memory_bytes", "fedavg_run", "osfed_run")
 #: algorithm names of the two Table-10 columns
@@ -77,9 +77,11 @@ def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         if not line:
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if "phase_epoch" not in record:  # server-phase lines are summarised in the round's own line
+            records.append(record)
     return records
 
 
@@ -166,9 +168,9 @@ def _fmt(key: str, value: Any) -> str:
         return f"{100 * value:.2f}%"
     if key == "uplink_ratio_vs_fedavg":
         return f"{value:.1f}x"
-    if key in ("gap_to_fedavg_points", "wall_seconds", "client_seconds_mean"):
+    if key in ("gap_to_fedavg_points", "wall_seconds", "client_seconds_mean", "server_phase_seconds"):
         return f"{value:.2f}"
-    if key == "client_peak_memory_bytes":
+    if key in ("client_peak_memory_bytes", "server_phase_peak_memory_bytes"):
         return f"{value / 1e9:.2f} GB"
     return str(value)
 
@@ -518,18 +520,102 @@ def _save(plt, fig, ax, path: Path, lines: int, legend: bool) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# the snapshot gallery (runtime.save_snapshots)
+
+#: where a run keeps its snapshot pictures (``osfed_hpc.snapshot_pictures.SNAPSHOT_FOLDER``; not imported
+#: from there, because that module needs torch and a report must not)
+GALLERY_SOURCE = "snapshots"
+
+
+def _picture_order(path: Path) -> tuple[float, str]:
+    """``round-000010.png`` sorts by its round, anything else after them by name."""
+    stem = path.stem
+    number = stem[len("round-"):] if stem.startswith("round-") else ""
+    return (int(number) if number.isdigit() else math.inf, path.name)
+
+
+def _safe_part(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in text).strip(".") or "run"
+
+
+def write_gallery(folder: Path, runs: list[dict[str, Any]], include_snapshots: bool = False) -> Path | None:
+    """``gallery.md`` in ``folder``: for each run with ``RUN/snapshots/*.png``, its pictures by round.
+
+    Why the pixels are not copied by default: a snapshot is optimised so that its gradient matches a
+    client's update, so it is derived from client data (gradients leak training samples); the report
+    folder is what people share. Without ``include_snapshots`` the page lists each picture by its path
+    relative to the run directory (with a link for local viewing, no pixels in ``folder``); with it the
+    PNGs are copied to ``folder/snapshots/<run>/`` and shown inline. Returns None (and writes nothing)
+    when no run has pictures.
+    """
+    import os
+    import shutil
+
+    found = []
+    for run in runs:
+        run_dir = Path(run.get("run_dir") or "")
+        pictures = sorted((run_dir / GALLERY_SOURCE).glob("*.png"), key=_picture_order) if run.get("run_dir") else []
+        if pictures:
+            found.append((run, run_dir, pictures))
+    if not found:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["# Snapshot gallery", "",
+             "What the snapshot clients sent (`runtime.save_snapshots`): each picture shows a round's snapshots "
+             "(de-normalised, multi-grid cells outlined) and the decoded cells with their top label classes.", ""]
+    if include_snapshots:
+        lines.append("The pictures were copied here because `--include-snapshots` was given: they are derived from "
+                     "client data, so share this folder with the same care as the runs.")
+    else:
+        lines.append("Snapshots are derived from client data, so the pictures stay in their run directories and are "
+                     "listed by path relative to them; `osfed-hpc report --include-snapshots` copies them here.")
+    used: set[str] = set()
+    copied = 0
+    for run, run_dir, pictures in found:
+        lines += ["", f"## {run['run']} ({run.get('algorithm', '?')})", "", f"run directory: `{run_dir}`", ""]
+        if include_snapshots:
+            name = "/".join(_safe_part(part) for part in str(run["run"]).split("/"))
+            base, n = name, 2
+            while name in used:  # two runs of one name (from different sweeps or folders)
+                name, n = f"{base}-{n}", n + 1
+            used.add(name)
+            target = folder / GALLERY_SOURCE / name
+            target.mkdir(parents=True, exist_ok=True)
+        for picture in pictures:
+            relative = f"{GALLERY_SOURCE}/{picture.name}"
+            if include_snapshots:
+                shutil.copyfile(picture, target / picture.name)
+                copied += 1
+                lines += [f"### {picture.stem}", "", f"![{run['run']} {picture.stem}](<{GALLERY_SOURCE}/{name}/{picture.name}>)", ""]
+            else:
+                link = Path(os.path.relpath(picture.resolve(), folder.resolve())).as_posix()
+                lines.append(f"- {picture.stem}: [`{relative}`](<{link}>)")
+    path = folder / "gallery.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    count = sum(len(p) for _, _, p in found)
+    how = f"{copied} pictures copied" if include_snapshots else f"{count} pictures listed, not copied"
+    print(f"wrote gallery.md in {folder} ({len(found)} run(s), {how})")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
 # the command
 
 
-def run_report(run_dirs: list[str], out: str | None = None, target: str | float | None = None) -> int:
+def run_report(run_dirs: list[str], out: str | None = None, target: str | float | None = None,
+               include_snapshots: bool = False) -> int:
     """Print the comparison, Table 10 (only when some run has a resolution >= 64 px, see
     ``wants_table10``) and the bytes-to-target table; with ``out``, write report.csv, report.md,
     table10.csv (with Table 10), bytes_to_target.csv (when there is a target) and the PNG plots there.
 
     ``target`` (a fraction, or a percentage above 1) replaces the default of 90 % of the best FedAvg
-    final accuracy; it is checked before any run is read, so a typo fails at once.
+    final accuracy; it is checked before any run is read, so a typo fails at once. With ``out``, runs
+    with snapshot pictures also get ``gallery.md`` (see ``write_gallery``; ``include_snapshots`` copies
+    the PNGs).
     """
     override = None if target is None else parse_target(target)
+    if include_snapshots and not out:
+        raise RunError("--include-snapshots copies snapshot pictures into the --out folder; give --out DIR")
     runs = load_runs(expand_run_dirs(run_dirs))
     if not runs:
         raise RunError("no finished runs to report")
@@ -544,6 +630,7 @@ def run_report(run_dirs: list[str], out: str | None = None, target: str | float 
     print(text)
     if out:
         _write_outputs(Path(out), runs, rows, cells, targets, goal, text)
+        write_gallery(Path(out), runs, include_snapshots)
     return 0
 
 

@@ -4,9 +4,11 @@ transport-specific: it reads as broadcast, work, exchange, fold, log.
 One round::
 
     rank 0:  message = algorithm.server_message(r)
-             control Bcast [stop, exchange mode, model?, message length] -> model Bcast -> message Bcast
+             control Bcast [exchange mode, model?, message length, phase epochs] -> model Bcast -> message Bcast
     workers: algorithm.client_begin_round(message); for each of my selected clients: client_update -> send
-    rank 0:  fold the payloads in client-id order as the exchange hands them over -> evaluate -> log
+    rank 0:  fold the payloads in client-id order as the exchange hands them over
+             [server phase: E epochs of server-only training; one control word per epoch tells the
+              workers to wait, checkpoint with rank 0, or stop]  -> evaluate -> log
 
 With a single rank, rank 0 plays both parts. The exchange (in-process, one Gatherv, or streamed)
 is chosen per round from the payload sizes (``osfed_hpc.exchange``).
@@ -47,9 +49,11 @@ from .metrics import (
     PhaseTimer,
     client_done_line,
     peak_memory_bytes,
+    phase_progress_line,
     progress_line,
     reset_peak_memory,
     round_eta,
+    round_records,
 )
 from .models import build_model, load_pretrained
 from .payload import Payload
@@ -57,6 +61,8 @@ from .provenance import record_environment
 from .rng import select_clients, torch_stream
 from .tensorboard import TensorBoardLog
 
+#: the control word after each server-phase epoch (rank 0 -> workers)
+_PHASE_GO, _PHASE_CHECKPOINT, _PHASE_STOP, _PHASE_DONE = 0, 1, 2, 3
 #: frame keys of the server message's method data (per-client data uses the client id)
 _COMMON, _DIAGNOSTICS = -1, -2
 _RECORD_HEAD = ("client", "seconds", "peak_memory_bytes", "payload_bytes", "num_samples")
@@ -199,6 +205,10 @@ class Runner:
         self.owner = owner_map(self.placement)
         self.my_clients = self.placement.get(world.rank, []) if world.is_worker else []
         self.algorithm_cls = get_algorithm(config.algorithm["name"])
+        try:
+            self.algorithm_cls.check_rounds(config.rounds)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.options = config.algorithm_options()
         self.stat_names = self.algorithm_cls.client_stat_names
         self.autocast = torch.bfloat16 if config.runtime.amp == "bf16" else None
@@ -218,6 +228,8 @@ class Runner:
             self.store = ClientStateStore(self._state_dir(), resume=resume)
             self.train_data = self._build_train_data()
         self.start_round = 1
+        self.resume_phase: dict[str, Any] | None = None  # set by a checkpoint taken inside a server phase
+        self.phase_seconds: list[float] = []  # server-phase epochs done in this process, for the ETA
         if world.is_server:
             self.log = MetricsLog(run_dir / "metrics.jsonl")
         self.totals = {"uplink": 0, "downlink": 0, "mpi": 0, "rejected": 0}
@@ -238,7 +250,7 @@ class Runner:
                 load_pretrained(net, self.config.model.pretrained)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-        net = self.algorithm_cls.adapt_model(net, self.options, classes, self.config.seed)
+        net = self.algorithm_cls.adapt_model(net, self.options, classes, self.config.seed, self.inputs.input_shape)
         return FlatModel(net.to(self.device), channels_last=self.config.runtime.channels_last)
 
     def _new_algorithm(self, model: FlatModel, server_optimizer: ServerOptimizer | None = None,
@@ -248,12 +260,31 @@ class Runner:
             input_shape=self.inputs.input_shape, device=self.device, seed=self.config.seed,
             server_optimizer=server_optimizer or ServerOptimizer(), update_guard=update_guard or UpdateGuard(),
             num_clients=self.num_clients, autocast_dtype=self.autocast,
-            debug=self.config.runtime.debug,
+            debug=self.config.runtime.debug, run_dir=self.run_dir, save_snapshots=self.config.runtime.save_snapshots,
+            load_images=self._load_images, split_sizes=self._split_sizes(),
+            pixel_mean_std=(tuple(self.inputs.reader.mean), tuple(self.inputs.reader.std)),
+            evaluate=self.evaluate if server_optimizer is not None else None,
         )
         try:
             return self.algorithm_cls(self.options, env)
         except ValueError as exc:  # options that do not fit this model or data (e.g. factor vs resolution)
             raise ConfigError(str(exc)) from None
+
+    def _load_images(self, split: str, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        from .data import load_samples
+
+        return load_samples(self.inputs.reader, split, indices, self.device, self.inputs.resolution)
+
+    def _split_sizes(self) -> dict[str, int]:
+        from .data import DataError
+
+        sizes = {}
+        for split in ("train", "test"):
+            try:
+                sizes[split] = self.inputs.reader.count(split)
+            except DataError:  # a dataset without that split
+                pass
+        return sizes
 
     def _state_dir(self) -> Path | None:
         if self.config.runtime.client_state != "disk":
@@ -310,7 +341,13 @@ class Runner:
             if self._broadcast_stop():
                 self._checkpoint(round_ - 1)
                 return "stopped"
-            self._round(round_)
+            if self.resume_phase is not None:  # the round's uploads were folded before the stop
+                phase, self.resume_phase = self.resume_phase, None
+                finished = self._phase_then_log(round_, phase["epochs"], phase["epoch"] + 1, phase.get("record"))
+            else:
+                finished = self._round(round_)
+            if not finished:
+                return "stopped"  # the phase checkpointed itself
             every = self.config.runtime.checkpoint_every
             if every and round_ % every == 0 and round_ < self.config.rounds:
                 self._checkpoint(round_)
@@ -324,14 +361,15 @@ class Runner:
         flag = np.array([int(self.stop_requested)], dtype=np.int64)
         return bool(self.world.bcast_buffer(flag)[0])
 
-    def _round(self, round_: int) -> None:
+    def _round(self, round_: int) -> bool:
+        """One round; False when a stop request ended its server phase early (checkpointed)."""
         world = self.world
         timer = PhaseTimer()
         round_start = time.perf_counter()
         mpi_before = world.counter.total
         selected = select_clients(self.config.seed, round_, self.num_clients, self.config.server.sample_fraction)
         with timer.phase("broadcast"):
-            message, received, mode = self._broadcast(round_, selected)
+            message, received, mode, phase_epochs = self._broadcast(round_, selected)
         exchange = self.exchanges[mode]
         records = []
         if world.is_worker:
@@ -343,20 +381,23 @@ class Runner:
         if world.is_worker:
             exchange.end_of_round()
         gathered = self._gather_records(records)
+        record = None
         if world.is_server:
             outcome["downlink"] = self._downlink(message, selected)
             outcome["exchange"] = MODE_NAMES[mode]
             self.payload_bytes = int(gathered[:, _RECORD_HEAD.index("payload_bytes")].max(initial=0))
-            self._log_round(round_, selected, outcome, gathered, timer, round_start, mpi_before)
+            record = self._round_record(round_, selected, outcome, gathered, timer, round_start, mpi_before)
+        return self._phase_then_log(round_, phase_epochs, 1, record)
 
     # broadcast ---------------------------------------------------------------------------------
-    def _broadcast(self, round_: int, selected: list[int]) -> tuple[ServerMessage | None, ReceivedMessage | None, int]:
+    def _broadcast(self, round_: int, selected: list[int]) -> tuple[ServerMessage | None, ReceivedMessage | None, int, int]:
         """rank 0's message -> every worker: control words, then the model (straight into the
         replica's memory on CPU), then the method data as one frame. Returns (the message on rank 0,
-        the received message on workers, the exchange mode of this round)."""
+        the received message on workers, the exchange mode of this round, the epochs of the server
+        phase that follows the round)."""
         world = self.world
         message, frame = None, np.zeros(8, dtype=np.uint8)
-        control = np.zeros(3, dtype=np.int64)
+        control = np.zeros(4, dtype=np.int64)
         if world.is_server:
             message = self.server_algorithm.server_message(round_)
             parts = dict(message.per_client)
@@ -367,9 +408,9 @@ class Runner:
             frame, self._message_buffer = pack_frame(parts, self._message_buffer)
             mode = choose_mode(world.size, self.payload_bytes, len(selected),
                                self.config.runtime.gather_limit_mb * 2**20)
-            control[:] = (mode, int(message.model), frame.size)
+            control[:] = (mode, int(message.model), frame.size, self.server_algorithm.server_phase_epochs(round_))
         world.bcast_buffer(control)
-        mode, model_sent, length = (int(v) for v in control)
+        mode, model_sent, length, phase_epochs = (int(v) for v in control)
         if model_sent:
             self._broadcast_model()
         if world.size > 1:
@@ -383,7 +424,7 @@ class Runner:
             received = self._received(round_, bool(model_sent), frame)
             self.worker_algorithm.client_begin_round(received)
             self.replica = self.worker_model.vector.clone()
-        return message, received, mode
+        return message, received, mode, phase_epochs
 
     def _broadcast_model(self) -> None:
         """rank 0's trainable state -> every worker's replica."""
@@ -409,7 +450,8 @@ class Runner:
     def _downlink(self, message: ServerMessage, selected: list[int]) -> int:
         """Logical downlink of the round: what each selected client receives, summed."""
         model_bytes = 4 * self.server_model.numel
-        return sum(message.downlink_bytes(client, model_bytes) for client in selected)
+        algorithm = self.server_algorithm
+        return sum(message.downlink_bytes(client, algorithm.client_model_bytes(client, model_bytes)) for client in selected)
 
     # work --------------------------------------------------------------------------------------
     def _work(self, round_: int, selected: list[int], message: ReceivedMessage, exchange) -> list[list[float]]:
@@ -489,8 +531,10 @@ class Runner:
         return table[np.argsort(table[:, 0], kind="stable")]
 
     # logging ---------------------------------------------------------------------------------
-    def evaluate(self) -> tuple[float, float]:
-        net = self.server_model.model
+    def evaluate(self, module: torch.nn.Module | None = None) -> tuple[float, float]:
+        """(accuracy, mean loss) of the server model (or ``module``) on the test split."""
+        net = self.server_model.model if module is None else module
+        was_training = net.training
         net.eval()
         correct = torch.zeros((), device=self.device)
         loss = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -501,19 +545,16 @@ class Runner:
                 loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
                 correct += (logits.argmax(1) == y).sum()
                 count += y.numel()
+        net.train(was_training)
         return float(correct) / max(count, 1), float(loss) / max(count, 1)
 
-    def _log_round(self, round_, selected, outcome, table, timer, round_start, mpi_before) -> None:
+    def _round_record(self, round_, selected, outcome, table, timer, round_start, mpi_before) -> dict[str, Any]:
+        """The round's metrics line up to the fold (the server phase and the evaluation add to it)."""
         downlink = outcome["downlink"]
         self.totals["uplink"] += outcome["uplink"]
         self.totals["downlink"] += downlink
         self.totals["rejected"] += len(outcome["rejected"])
-        evaluate = round_ % self.config.eval.every == 0 or round_ == self.config.rounds
         record: dict[str, Any] = {"round": round_, "clients": selected}
-        if evaluate:
-            with timer.phase("evaluation"):
-                accuracy, test_loss = self.evaluate()
-            record.update(test_accuracy=accuracy, test_loss=test_loss)
         columns = {name: table[:, i] for i, name in enumerate(_RECORD_HEAD + tuple(self.stat_names))}
         weights = columns["num_samples"]
         loss = columns.get("train_loss")
@@ -541,13 +582,112 @@ class Runner:
             client_stats={name: [float(v) for v in columns[name]] for name in _RECORD_HEAD[1:] + tuple(self.stat_names)},
             server_stats=outcome["server_stats"],
         )
+        return record
+
+    def _log_round(self, round_: int, record: dict[str, Any]) -> None:
+        """Evaluate (when due), then write and print the round's line (rank 0)."""
+        start = time.perf_counter()
+        if round_ % self.config.eval.every == 0 or round_ == self.config.rounds:
+            accuracy, test_loss = self.evaluate()
+            record.update(test_accuracy=accuracy, test_loss=test_loss)
+            record["seconds"]["evaluation"] = round(time.perf_counter() - start, 6)
+        record["seconds"]["round"] = round(record["seconds"]["round"] + time.perf_counter() - start, 6)
         with ckpt.disk_full_guard(self.log.path, self.run_dir):
             self.log.append(record)
         if self.tensorboard is not None:
             self.tensorboard.log_round(record)
-        self.round_seconds.append(seconds["round"])
+        self.round_seconds.append(record["seconds"]["round"])
         print(progress_line(record, round_eta(self.round_seconds, self.config.rounds - round_)), flush=True)
         self.last_record = record
+
+    # the server phase ----------------------------------------------------------------------------
+    def _phase_then_log(self, round_: int, epochs: int, first_epoch: int, record: dict[str, Any] | None) -> bool:
+        """Every rank: the round's server phase (if any), then rank 0 logs the round. False when a
+        stop request ended the phase early (a checkpoint holds where it stopped)."""
+        if epochs and not self._server_phase(round_, epochs, first_epoch, record):
+            return False
+        if self.world.is_server:
+            self._log_round(round_, record)
+        return True
+
+    def _server_phase(self, round_: int, epochs: int, first_epoch: int, record: dict[str, Any] | None) -> bool:
+        """Epochs ``first_epoch..epochs`` of server-only training after round ``round_``'s fold.
+
+        Rank 0 trains; after every epoch it tells the workers (one control word) whether to go on,
+        to write a checkpoint with it (every ``runtime.checkpoint_every`` epochs), or to checkpoint
+        and stop (SIGUSR1/SIGTERM, or the method's ``stop_early``). A checkpoint between epochs is
+        ``round-<r-1>-phase-<e>``: round r's uploads are folded, its phase is at epoch e, and a
+        resumed run continues at epoch e + 1 (no client work is redone).
+        """
+        world = self.world
+        every = self.config.runtime.checkpoint_every
+        epoch = first_epoch - 1
+        while True:
+            code = np.zeros(1, dtype=np.int64)
+            if world.is_server:
+                if epoch >= epochs:
+                    code[0] = _PHASE_DONE
+                elif self.stop_requested:
+                    code[0] = _PHASE_STOP
+                else:
+                    epoch += 1
+                    stats = self._phase_epoch(round_, epoch, epochs, record)
+                    if stats.get("stop_early"):
+                        epochs = epoch
+                    code[0] = (_PHASE_STOP if self.stop_requested and epoch < epochs else
+                               _PHASE_CHECKPOINT if every and epoch % every == 0 and epoch < epochs else _PHASE_GO)
+            world.bcast_buffer(code)
+            action = int(code[0])
+            if action in (_PHASE_CHECKPOINT, _PHASE_STOP):
+                state = None
+                if world.is_server:
+                    state = {"round": round_, "epoch": epoch, "epochs": epochs, "record": record}
+                self._checkpoint_phase(round_, state)
+            if action == _PHASE_STOP:
+                return False
+            if action == _PHASE_DONE:
+                if world.is_server:
+                    self.server_algorithm.server_phase_end(round_)
+                    record["server_phase"]["epochs_done"] = epochs
+                return True
+
+    def _phase_epoch(self, round_: int, epoch: int, epochs: int, record: dict[str, Any]) -> dict[str, float]:
+        """One epoch on rank 0, timed and logged (its own metrics line), with progress and ETA."""
+        reset_peak_memory(self.device)
+        start = time.perf_counter()
+        stats = dict(self.server_algorithm.server_phase_epoch(round_, epoch))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        if not torch.isfinite(self.server_model.vector).all():
+            raise RunError(f"round {round_}, server phase epoch {epoch}: the model became non-finite "
+                           f"(NaN/Inf); lower the method's server learning rate")
+        memory = peak_memory_bytes(self.device)
+        line: dict[str, Any] = {"round": round_, "phase_epoch": epoch, "phase_epochs": epochs,
+                                "phase_stats": {k: float(v) for k, v in stats.items()},
+                                "seconds": round(seconds, 6), "peak_memory_bytes": memory}
+        phase_every = self.config.eval.phase_every
+        if phase_every and epoch % phase_every == 0 and epoch < epochs:
+            line["test_accuracy"], line["test_loss"] = self.evaluate()
+        summary = record.setdefault("server_phase", {"epochs": epochs, "seconds": 0.0, "peak_memory_bytes": 0})
+        summary["epochs"] = epochs
+        summary["seconds"] = round(summary["seconds"] + seconds, 6)
+        summary["peak_memory_bytes"] = max(summary["peak_memory_bytes"], memory)
+        summary["last"] = line["phase_stats"]
+        record["seconds"]["server_phase"] = summary["seconds"]
+        record["seconds"]["round"] = round(record["seconds"]["round"] + seconds, 6)
+        with ckpt.disk_full_guard(self.log.path, self.run_dir):
+            self.log.append(line)
+        self.phase_seconds.append(seconds)
+        eta = round_eta(self.phase_seconds, epochs - epoch)
+        print(phase_progress_line(line, eta), flush=True)
+        return stats
+
+    def _checkpoint_phase(self, round_: int, state: dict[str, Any] | None) -> None:
+        """Every rank: a checkpoint between two epochs of round ``round_``'s server phase."""
+        epoch = self.world.bcast_buffer(np.array([state["epoch"] if state else 0], dtype=np.int64))[0]
+        self._write_checkpoint(ckpt.phase_checkpoint_dir(self.run_dir, round_ - 1, int(epoch)), round_ - 1,
+                               {"phase": state} if state else {})
 
     # checkpoint / resume ---------------------------------------------------------------------
     def _checkpoint(self, round_done: int) -> None:
@@ -555,7 +695,10 @@ class Runner:
         the first round writes round 0 (the initial state), so the directory is resumable."""
         if 0 < round_done < self.start_round:
             return
-        directory = ckpt.checkpoint_dir(self.run_dir, round_done)
+        self._write_checkpoint(ckpt.checkpoint_dir(self.run_dir, round_done), round_done, {})
+
+    def _write_checkpoint(self, directory: Path, round_done: int, extra: dict[str, Any]) -> None:
+        """Every rank: client states by their hosts, then rank 0's server part and manifest."""
         if self.world.is_server:
             ckpt.begin_checkpoint(directory)
         self.world.barrier()
@@ -567,7 +710,7 @@ class Runner:
             ckpt.write_server_part(
                 directory, round_done, self.server_model.vector.cpu().numpy(), self._server_state(),
                 self.config.to_dict(), self.server_model.sha256(),
-                {"totals": self.totals, "world_size": self.world.size, "wall_seconds": self._wall()},
+                {"totals": self.totals, "world_size": self.world.size, "wall_seconds": self._wall(), **extra},
                 client_files=ckpt.decode_file_records(*gathered),
             )
         self.world.barrier()
@@ -599,7 +742,11 @@ class Runner:
             self.server_optimizer.load_state(server_state, self.device)
             self.update_guard.load_state(server_state)
             self.server_algorithm.load_server_state(server_state)
-            self.log.truncate_after(checkpoint.round)
+        phase = checkpoint.manifest.get("phase")
+        if phase is not None:
+            self.resume_phase = phase
+        if self.world.is_server:
+            self.log.truncate_after(checkpoint.round, (phase["round"], phase["epoch"]) if phase else None)
         if self.world.is_worker:
             for client in self.my_clients:
                 self.store.put(client, checkpoint.client_state(client))
@@ -607,11 +754,12 @@ class Runner:
         self.previous_wall = float(checkpoint.manifest.get("wall_seconds", 0.0))
         self.start_round = checkpoint.round + 1
         if self.world.is_server:
-            print(f"[osfed-hpc] resumed from {directory} (round {checkpoint.round})", flush=True)
+            where = f", server phase of round {phase['round']} at epoch {phase['epoch']}" if phase else ""
+            print(f"[osfed-hpc] resumed from {directory} (round {checkpoint.round}{where})", flush=True)
 
     # the end ---------------------------------------------------------------------------------
     def _finish(self) -> dict[str, Any]:
-        records = self.log.records()
+        records = round_records(self.log.records())
         evaluated = [r for r in records if r.get("test_accuracy") is not None]
         final = evaluated[-1] if evaluated else {}
         client_rounds = sum(len(r["clients"]) for r in records) or 1
@@ -627,6 +775,9 @@ class Runner:
             "uplink_bytes_per_client_round": self.totals["uplink"] / client_rounds,
             "downlink_bytes_per_client_round": self.totals["downlink"] / client_rounds,
             "mpi_bytes": self.totals["mpi"],
+            "server_phase_seconds": sum(r.get("server_phase", {}).get("seconds", 0.0) for r in records),
+            "server_phase_peak_memory_bytes": max((r.get("server_phase", {}).get("peak_memory_bytes", 0)
+                                                   for r in records), default=0),
             "rejected_payloads": self.totals["rejected"],
             "wall_seconds": self._wall(),
             "world_size": self.world.size,

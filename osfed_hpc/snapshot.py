@@ -9,15 +9,19 @@ numerical settings (``exact_numerics``).
 
 ``F`` is the multi-grid function: it splits each snapshot into cells and resizes every cell back
 to full resolution, so one H x W image yields several training samples ("decouples conflicting
-gradient directions", OS-Fed). ``F`` is linear in S and deterministic.
+gradient directions", OS-Fed). ``F`` is linear in S and deterministic. Any object with
+``samples_per_snapshot``, ``check_resolution`` and ``__call__`` can serve as ``F`` (``Grid``): the
+learnable FSRCNN upsampler of ``osfed_hpc.multigrid_fsrcnn`` is one, and ``synthesize`` can then
+optimise its weights together with (S, Y) (``learnable``).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -157,9 +161,24 @@ class MultiGrid:
         return multigrid_multiscale(snapshots, self.factor, self.leaves)
 
 
-def as_grid(grid: int | MultiGrid) -> MultiGrid:
-    """An int means the uniform multi-grid with that factor."""
-    return grid if isinstance(grid, MultiGrid) else MultiGrid(int(grid))
+@runtime_checkable
+class Grid(Protocol):
+    """What the synthesis and the decoder need of a multi-grid function F."""
+
+    factor: int
+
+    @property
+    def samples_per_snapshot(self) -> int: ...
+
+    def check_resolution(self, height: int, width: int) -> None: ...
+
+    def __call__(self, snapshots: torch.Tensor) -> torch.Tensor: ...
+
+
+def as_grid(grid: int | Grid) -> Grid:
+    """An int means the uniform multi-grid with that factor; a ``Grid`` (``MultiGrid``, an FSRCNN
+    grid) is used as it is."""
+    return grid if isinstance(grid, Grid) else MultiGrid(int(grid))
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,7 +189,7 @@ def parameter_gradients(
     model: FlatModel,
     snapshots: torch.Tensor,
     labels: torch.Tensor,
-    grid: int | MultiGrid,
+    grid: int | Grid,
     create_graph: bool = False,
 ) -> list[torch.Tensor]:
     """Per-parameter gradients of mean ``cross_entropy(f(F(S)), Y)`` (soft targets), for the
@@ -193,7 +212,7 @@ def synthetic_gradient(
     model: FlatModel,
     snapshots: torch.Tensor,
     labels: torch.Tensor,
-    grid: int | MultiGrid,
+    grid: int | Grid,
     create_graph: bool = False,
 ) -> torch.Tensor:
     """The decoder: the flat parameter gradient g(S, Y), laid out like ``model.params_vector``.
@@ -268,18 +287,28 @@ class SynthesisConfig:
 
 
 class _Best:
-    """The best finite iterate seen so far, by loss (LBFGS can wander off to NaN)."""
+    """The best finite iterate seen so far, by loss (LBFGS can wander off to NaN), including the
+    values of any extra learnable tensors (written back into them by ``restore_extras``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, extras: Sequence[torch.Tensor] = ()) -> None:
         self.loss = math.inf
         self.snapshots: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
+        self.extras = list(extras)
+        self.extra_values: list[torch.Tensor] | None = None
 
     def offer(self, loss: float, snapshots: torch.Tensor, labels: torch.Tensor) -> None:
         if math.isfinite(loss) and loss < self.loss:
             self.loss = loss
             self.snapshots = snapshots.detach().clone()
             self.labels = labels.detach().clone()
+            self.extra_values = [t.detach().clone() for t in self.extras]
+
+    def restore_extras(self) -> None:
+        if self.extra_values is not None:
+            with torch.no_grad():
+                for tensor, value in zip(self.extras, self.extra_values):
+                    tensor.copy_(value)
 
 
 def synthesize(
@@ -287,13 +316,18 @@ def synthesize(
     target: torch.Tensor,
     input_shape: tuple[int, int, int],
     num_snapshots: int,
-    grid: int | MultiGrid,
+    grid: int | Grid,
     num_classes: int,
     config: SynthesisConfig,
     generator: torch.Generator,
+    learnable: Sequence[torch.Tensor] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Find (S, Y) minimising ``1 - |cos(g(S, Y), target)|`` at the model's current weights
     (with ``config.per_tensor_scales``: ``1 - cos(s * g, target)`` for the best scale per tensor).
+
+    ``learnable``: further leaf tensors (``requires_grad``) the objective depends on through
+    ``grid``, e.g. the weights of an FSRCNN upsampler, optimised jointly with (S, Y) by the same
+    optimizer; on return they hold their values at the best iterate (changed in place).
 
     S is [M, C, H, W], Y is [M * samples_per_snapshot, K], both drawn from N(0, 1) with
     ``generator``. The outer gradient is taken w.r.t. (S, Y) only (``autograd.grad``), not
@@ -330,16 +364,18 @@ def synthesize(
     def evaluate() -> float:
         return float(objective(snapshots.detach(), labels.detach(), False))
 
-    best = _Best()
+    extras = list(learnable)
+    best = _Best(extras)
     iterations = 0
     with exact_numerics(model.model):
         initial = evaluate()
         best.offer(initial, snapshots, labels)
         if math.isfinite(initial):  # else (e.g. a NaN target) every point is NaN: return the initial one
             run = _run_lbfgs if config.optimizer == "lbfgs" else _run_adam
-            iterations = run(objective, evaluate, snapshots, labels, config, best)
+            iterations = run(objective, evaluate, snapshots, labels, config, best, extras)
     if best.snapshots is None:
         best.snapshots, best.labels = snapshots.detach(), labels.detach()
+    best.restore_extras()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     info = {
@@ -351,15 +387,18 @@ def synthesize(
     return best.snapshots, best.labels, info
 
 
-def _set_grads(loss: torch.Tensor, snapshots: torch.Tensor, labels: torch.Tensor) -> None:
-    grad_s, grad_y = torch.autograd.grad(loss, [snapshots, labels])
-    snapshots.grad, labels.grad = grad_s, grad_y
+def _set_grads(loss: torch.Tensor, snapshots: torch.Tensor, labels: torch.Tensor, extras: Sequence[torch.Tensor] = ()) -> None:
+    tensors = [snapshots, labels, *extras]
+    for tensor, grad in zip(tensors, torch.autograd.grad(loss, tensors, materialize_grads=True)):
+        tensor.grad = grad
 
 
-def _run_lbfgs(objective, evaluate, snapshots, labels, config: SynthesisConfig, best: _Best) -> int:
+def _run_lbfgs(objective, evaluate, snapshots, labels, config: SynthesisConfig, best: _Best,
+               extras: Sequence[torch.Tensor] = ()) -> int:
     """3SFC's loop: ``outer_steps`` LBFGS steps, re-evaluate after each, keep the best finite point."""
     optimizer = torch.optim.LBFGS(
-        [snapshots, labels], lr=config.lbfgs_lr, max_iter=config.lbfgs_max_iter, history_size=config.lbfgs_history
+        [snapshots, labels, *extras], lr=config.lbfgs_lr, max_iter=config.lbfgs_max_iter,
+        history_size=config.lbfgs_history,
     )
     evaluations = 0
 
@@ -367,7 +406,7 @@ def _run_lbfgs(objective, evaluate, snapshots, labels, config: SynthesisConfig, 
         nonlocal evaluations
         evaluations += 1
         loss = objective(snapshots, labels, True)
-        _set_grads(loss, snapshots, labels)
+        _set_grads(loss, snapshots, labels, extras)
         return loss.detach()
 
     for _ in range(config.outer_steps):
@@ -379,9 +418,10 @@ def _run_lbfgs(objective, evaluate, snapshots, labels, config: SynthesisConfig, 
     return evaluations
 
 
-def _run_adam(objective, evaluate, snapshots, labels, config: SynthesisConfig, best: _Best) -> int:
-    """Adam on (S, Y); each step's loss is that of the point before the step, so it is offered first."""
-    optimizer = torch.optim.Adam([snapshots, labels], lr=config.adam_lr)
+def _run_adam(objective, evaluate, snapshots, labels, config: SynthesisConfig, best: _Best,
+              extras: Sequence[torch.Tensor] = ()) -> int:
+    """Adam on (S, Y) (and ``extras``); each step's loss is that of the point before the step, so it is offered first."""
+    optimizer = torch.optim.Adam([snapshots, labels, *extras], lr=config.adam_lr)
     for step in range(config.adam_steps):
         loss = objective(snapshots, labels, True)
         value = float(loss.detach())
@@ -389,7 +429,7 @@ def _run_adam(objective, evaluate, snapshots, labels, config: SynthesisConfig, b
             return step + 1
         if step:
             best.offer(value, snapshots, labels)
-        _set_grads(loss, snapshots, labels)
+        _set_grads(loss, snapshots, labels, extras)
         optimizer.step()
     best.offer(evaluate(), snapshots, labels)
     return config.adam_steps

@@ -37,4 +37,16 @@ def small_run_overrides(data_dir: Path, out: Path, algorithm: str = "fedavg", ro
         overrides += ["algorithm.outer_steps=2", "algorithm.lbfgs_max_iter=4"]
     if algorithm == "osfed":
         overrides += ["algorithm.factor=2"]
-    return overrides
+    return overrides + [f"algorithm.{key}" for key in SMALL_OPTIONS.get(algorithm, ())]
+
+
+#: per method, options that make a test run take seconds (the defaults are the papers' budgets)
+SMALL_OPTIONS = {
+    "feddf": ("server_epochs=2", "steps_per_epoch=5", "distill_samples=200"),
+    "fedaf": ("ipc=2", "iterations=5", "server_epochs=4", "server_lr=0.05", "server_batch_size=32"),
+    "fedsd2c": ("autoencoder=pool", "pool_factor=2", "ipc=3", "mipc=20", "num_crop=2", "iterations=5",
+                "server_epochs=4"),
+    "singleimage": ("num_patches=200", "num_select=50", "kmeans_clusters=10", "server_steps=4", "server_epochs=2",
+                    "families=[cnn,mlp]"),
+    "oscar": ("tiny=true", "steps=2", "images_per_class=2", "server_epochs=3", "caption_max_tokens=6"),
+}

@@ -17,8 +17,16 @@ from tests.test_methods_e2e import METHODS
 
 FAST = {"outer_steps": 1, "lbfgs_max_iter": 3}
 #: option sets the fold is fuzzed with: every method's defaults, plus OS-Fed's image codecs (a damaged
-#: coded snapshot once crashed rank 0 with a TypeError)
-VARIANTS = {**{name: {} for name in METHODS}, "osfed+png": {"codec": "png"}, "osfed+jpeg": {"codec": "jpeg"}}
+#: coded snapshot once crashed rank 0 with a TypeError) and the teacher choices of FedSD2C
+VARIANTS = {
+    **{name: {} for name in METHODS}, "osfed+png": {"codec": "png"}, "osfed+jpeg": {"codec": "jpeg"},
+    "feddf": {"distill_samples": 50},
+    "fedaf": {"ipc": 2, "iterations": 3},
+    "fedsd2c": {"autoencoder": "pool", "ipc": 2, "mipc": 10, "num_crop": 2, "iterations": 3},
+    "fedsd2c+model": {"autoencoder": "pool", "ipc": 2, "mipc": 10, "num_crop": 2, "iterations": 3,
+                      "teacher": "client_model"},
+    "oscar": {"tiny": True, "steps": 2, "images_per_class": 2, "caption_max_tokens": 5},
+}
 SNAPSHOT_METHODS = ("osfed", "sfc3", "e3sfc")
 
 

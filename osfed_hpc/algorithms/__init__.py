@@ -22,6 +22,11 @@ _MODULES: dict[str, str] = {
     "fedmpq_lite": "fedmpq:FedMPQLite",
     "lora": "lorafair:LoRA",
     "lorafair": "lorafair:LoRAFair",
+    "feddf": "feddf:FedDF",
+    "singleimage": "singleimage:SingleImage",
+    "fedaf": "fedaf:FedAF",
+    "fedsd2c": "fedsd2c:FedSD2C",
+    "oscar": "oscar:OSCAR",
 }
 
 

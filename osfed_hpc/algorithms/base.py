@@ -21,7 +21,9 @@ FedMPQ sends each client its bit-widths, FedAF class logits. What goes down is a
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -114,6 +116,22 @@ class Environment:
     num_clients: int = 1
     autocast_dtype: torch.dtype | None = None
     debug: bool = False  # runtime.debug: extra diagnostics that cost time
+    #: the run directory (rank 0 writes there; workers must not)
+    run_dir: Path | None = None
+    #: ``runtime.save_snapshots``: every N rounds a method may write pictures of what clients send (rank 0)
+    save_snapshots: int = 0
+    #: ``load_images(split, indices) -> (images, labels)``: samples of the run's dataset, normalised, at the
+    #: run's resolution, on ``device``, in the order given. Any rank may call it (e.g. a public unlabeled
+    #: slice that the server and the clients both read); it decodes on every call, so keep what you reuse.
+    load_images: Callable[[str, np.ndarray], tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: the dataset's per-channel normalisation, (mean, std) of pixel values in [0, 1]: model input =
+    #: (pixel / 255 - mean) / std. Methods that make images (patch banks, pictures) use it both ways
+    pixel_mean_std: tuple[tuple[float, ...], tuple[float, ...]] = ((0.0,), (1.0,))
+    #: the number of samples of each split of the dataset ({"train": n, "test": m})
+    split_sizes: dict[str, int] = field(default_factory=dict)
+    #: rank 0 only: ``evaluate(module) -> (accuracy, loss)`` on the run's test split (a second model
+    #: family, a teacher); the runner evaluates ``model`` itself
+    evaluate: Callable[[nn.Module], tuple[float, float]] | None = None
 
 
 class Algorithm:
@@ -130,6 +148,10 @@ class Algorithm:
         def validate(self) -> None:
             pass
 
+    #: one upload per client, then the server trains (FedSD2C, OSCAR): the run must have ``rounds: 1``,
+    #: and the server phase's epochs are the method's server epochs
+    one_shot: ClassVar[bool] = False
+
     #: keys of ``ClientResult.stats``, in a fixed order so stats cross MPI as float64 records
     client_stat_names: ClassVar[tuple[str, ...]] = ("train_loss", "local_steps")
 
@@ -139,11 +161,20 @@ class Algorithm:
         self.options = options
         self.env = env
 
+    @classmethod
+    def check_rounds(cls, rounds: int) -> None:
+        """A one-shot method runs exactly one round; ValueError naming the key otherwise."""
+        if cls.one_shot and rounds != 1:
+            raise ValueError(f"config key 'rounds': got {rounds}, expected 1: {cls.name} is one-shot (one upload "
+                             f"per client, then the server trains; its epochs are algorithm.server_epochs)")
+
     # the model ---------------------------------------------------------------------------------
     @classmethod
-    def adapt_model(cls, net: nn.Module, options: Algorithm.Options, num_classes: int, seed: int) -> nn.Module:
+    def adapt_model(cls, net: nn.Module, options: Algorithm.Options, num_classes: int, seed: int,
+                    input_shape: tuple[int, int, int] | None = None) -> nn.Module:
         """Change the freshly built (and pretrained-loaded) model before it is flattened, e.g. add
-        LoRA adapters and freeze the backbone. Must be deterministic: every rank calls it."""
+        LoRA adapters and freeze the backbone, or add a second model family. Must be deterministic:
+        every rank calls it. ``input_shape`` is (C, H, W) as fed to the model."""
         return net
 
     def payload_size_hint(self) -> int:
@@ -203,6 +234,31 @@ class Algorithm:
         if update.numel() > n:
             state[n:].add_(update[n:])
         return state
+
+    def client_model_bytes(self, client: int, model_bytes: int) -> int:
+        """The logical size of the model that ``client`` receives when the message carries one.
+        Default: the whole trainable state. A method whose clients each use part of it (one model
+        family of several) returns that part's bytes."""
+        return model_bytes
+
+    # the server phase (one-shot and distillation methods) --------------------------------------
+    def server_phase_epochs(self, round: int) -> int:
+        """Epochs of server-only training that follow round ``round``'s fold (0: none). Called on
+        rank 0 before the round starts, so the schedule must not depend on the round's uploads."""
+        return 0
+
+    def server_phase_epoch(self, round: int, epoch: int) -> dict[str, float]:
+        """One epoch (1-based) of server training after ``server_finish``: train ``env.model`` in
+        place (it holds the folded state). Draw randomness only from ``server_generator(round,
+        f"phase-{epoch}")``, and keep in ``server_state`` whatever the next epoch needs (the data the
+        clients sent, optimizer moments): the runner checkpoints between epochs, and a resumed run
+        continues at the next epoch and must reach the same model bit for bit. Returns numbers to
+        log (``loss``, ``steps``...); ``stop_early: 1`` ends the phase after this epoch."""
+        raise NotImplementedError(f"{self.name} declares server phase epochs but no server_phase_epoch")
+
+    def server_phase_end(self, round: int) -> None:
+        """After the last epoch of ``round``'s phase: drop what only the phase needed (it would
+        otherwise be checkpointed with every later round)."""
 
     # checkpointing -----------------------------------------------------------------------------
     def server_state(self) -> dict[str, np.ndarray]:

@@ -56,7 +56,8 @@ class LoRA(FedAvg):
         self.slices = adapter_slices(env.model.model, env.model.param_numel, self.name)
 
     @classmethod
-    def adapt_model(cls, net: nn.Module, options: LoRA.Options, num_classes: int, seed: int) -> nn.Module:
+    def adapt_model(cls, net: nn.Module, options: LoRA.Options, num_classes: int, seed: int,
+                    input_shape: tuple[int, int, int] | None = None) -> nn.Module:
         """Freeze ``net`` and add adapters; the A factors come from a stream keyed by the run's
         seed alone, so every rank builds the same adapters without communicating."""
         options.validate()

@@ -9,10 +9,18 @@ device class) and applies W_{t+1} = W_t + server_lr * mean_k s_k g*_k.
 
 3SFC is the special case F = identity (factor 1). What the OS-Fed paper leaves open and the
 defaults chosen here are listed in ``OSFed.Options``; see also docs of ``osfed_hpc.snapshot``.
+
+Learnable multi-grid (D.2, Table 9; ``upsampler: fsrcnn``): an FSRCNN upsamples the cells instead of
+bilinear resizing. Who holds its weights is ours (``fsrcnn_mode``, see ``osfed_hpc.multigrid_fsrcnn``):
+``fixed`` (shared seed, nothing sent), ``client`` (optimised with the snapshot, kept per client across
+rounds, sent in every payload) or ``server`` (trained by the server on a public image, sent down in
+the first round each server process runs and cached by the workers). In every mode both sides build
+the decoder from the same float32 vector, so decoding stays bitwise the client's computation.
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +28,10 @@ import numpy as np
 import torch
 
 from ..models import has_batchnorm
+from ..multigrid_fsrcnn import FSRCNNShape, grid_from_vector, shared_init, train_server_fsrcnn
 from ..payload import Payload, require, require_meta
 from ..snapshot import (
+    Grid,
     MultiGrid,
     SynthesisConfig,
     cosine,
@@ -31,13 +41,20 @@ from ..snapshot import (
     synthetic_gradient,
 )
 from ..snapshot_coding import CODECS, array_spec, decode_snapshots, encode_snapshots
-from .base import Algorithm, ClientContext, ClientResult, client_weight
+from ..snapshot_pictures import RoundPictures
+from .base import Algorithm, ClientContext, ClientResult, ReceivedMessage, ServerMessage, client_weight
 from .error_feedback import ErrorFeedback
 from .local_training import local_update, with_local_steps
-from .options import require_bool, require_choice, require_int, require_positive
+from .options import is_int, require_bool, require_choice, require_int, require_positive
 
 #: encode and decode run in eval mode (no dropout; BatchNorm models are refused outright)
 MODE = "eval"
+#: client state key of a client's FSRCNN weights (``fsrcnn_mode: client``, persistent)
+FSRCNN_STATE_KEY = "fsrcnn"
+#: server state key of the server-trained FSRCNN weights (``fsrcnn_mode: server``)
+FSRCNN_SERVER_KEY = "osfed.fsrcnn"
+#: the name of the FSRCNN weight vector in payloads and in the server message
+FSRCNN_ARRAY = "fsrcnn"
 
 
 def least_squares_scales(direction: torch.Tensor, target: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
@@ -116,6 +133,33 @@ class OSFed(Algorithm):
         segment_steps: int | None = None
         #: wire dtype of the labels, "float32" or "float16" (the client decodes its own rounding)
         label_dtype: str = "float32"
+        #: the multi-grid upsampler: "bilinear" (the paper's default, IDC's decode_zoom) or "fsrcnn"
+        #: (D.2 / Table 9: a learnable FSRCNN per cell; uniform multi-grid with factor >= 2 only)
+        upsampler: str = "bilinear"
+        #: who holds the FSRCNN weights (ours; the paper leaves it open): "fixed" (drawn from the run's
+        #: seed, never trained, nothing sent), "client" (optimised jointly with (S, Y), sent with every
+        #: snapshot: + 4 B per FSRCNN parameter per client-round) or "server" (trained once by the
+        #: server on scikit-learn's public china.jpg, sent down once: + 4 B per parameter per client
+        #: in the first round each server process runs)
+        fsrcnn_mode: str = "server"
+        #: FSRCNN sizes (Dong et al. 2016; the paper's "lightweight FSRCNN" does not give them):
+        #: feature width d, shrunk width s, m mapping layers; 12,809 parameters for 1 channel
+        fsrcnn_d: int = 56
+        fsrcnn_s: int = 12
+        fsrcnn_m: int = 4
+        #: initial weights of fixed and client mode: "unit" (reference init with the deconvolution
+        #: rescaled by a power of two so a N(0,1) cell comes out with std ~1, ours) or "reference"
+        #: (yjn870's, output ~1e-3 of the input); server mode always trains from "reference"
+        fsrcnn_init: str = "unit"
+        #: client mode: "persistent" (each client continues from its weights of its previous round,
+        #: kept in its state; methods.md 1.4.4 (b)) or "reset" (every round starts from the shared init)
+        fsrcnn_client_weights: str = "persistent"
+        #: server mode: Adam steps (batch fsrcnn_server_batch, learning rate fsrcnn_server_lr) of
+        #: super-resolution training on the public image, from the reference init, on rank 0's CPU
+        #: before round 1 (~30 s at 28 px; 800 steps beat bicubic, see multigrid_fsrcnn)
+        fsrcnn_server_steps: int = 800
+        fsrcnn_server_batch: int = 32
+        fsrcnn_server_lr: float = 3e-3
 
         def validate(self) -> None:
             require_int("factor", self.factor, 1)
@@ -136,6 +180,23 @@ class OSFed(Algorithm):
             if self.segment_steps is not None:
                 require_int("segment_steps", self.segment_steps, 1)
             require_choice("label_dtype", self.label_dtype, ("float32", "float16"))
+            require_choice("upsampler", self.upsampler, ("bilinear", "fsrcnn"))
+            require_choice("fsrcnn_mode", self.fsrcnn_mode, ("fixed", "client", "server"))
+            require_int("fsrcnn_d", self.fsrcnn_d, 1)
+            require_int("fsrcnn_s", self.fsrcnn_s, 1)
+            require_int("fsrcnn_m", self.fsrcnn_m, 0)
+            require_choice("fsrcnn_init", self.fsrcnn_init, ("unit", "reference"))
+            require_choice("fsrcnn_client_weights", self.fsrcnn_client_weights, ("persistent", "reset"))
+            require_int("fsrcnn_server_steps", self.fsrcnn_server_steps, 0)
+            require_int("fsrcnn_server_batch", self.fsrcnn_server_batch, 1)
+            require_positive("fsrcnn_server_lr", self.fsrcnn_server_lr)
+            if self.upsampler == "fsrcnn":
+                if self.multigrid != "uniform":
+                    raise ValueError("algorithm.upsampler: fsrcnn needs algorithm.multigrid = 'uniform' "
+                                     f"(one upsampling factor), got {self.multigrid!r}")
+                if is_int(self.factor) and self.factor < 2:
+                    raise ValueError(f"algorithm.upsampler: fsrcnn needs algorithm.factor >= 2 (there is "
+                                     f"nothing to upsample at factor {self.factor})")
             if self.multiscale_leaves is not None and self.multigrid != "multiscale":
                 raise ValueError("algorithm.multiscale_leaves is only used with algorithm.multigrid = 'multiscale'")
             try:
@@ -177,6 +238,91 @@ class OSFed(Algorithm):
         self.tensor_sizes = env.model.param_sizes
         self.num_scales = len(self.tensor_sizes) if options.scales == "tensor" else 1
         self.error_feedback = ErrorFeedback(options.error_feedback, env.model.param_numel)
+        self._init_fsrcnn(options, channels)
+        self.pictures = RoundPictures.from_env(env)  # runtime.save_snapshots: rank 0 writes RUN/snapshots/round-NNNNNN.png
+
+    # the FSRCNN upsampler (upsampler: fsrcnn) ----------------------------------------------------
+    def _init_fsrcnn(self, options: OSFed.Options, channels: int) -> None:
+        self.fsrcnn: FSRCNNShape | None = None
+        self.fsrcnn_mode: str | None = None
+        if options.upsampler != "fsrcnn":
+            return
+        if self.name != "osfed":
+            raise ValueError(f"algorithm.upsampler: fsrcnn is implemented for osfed only, not {self.name}")
+        self.fsrcnn = FSRCNNShape(channels, options.factor, options.fsrcnn_d, options.fsrcnn_s, options.fsrcnn_m)
+        self.fsrcnn_mode = options.fsrcnn_mode
+        self._shared_weights: np.ndarray | None = None  # the shared-seed init (lazily)
+        self._fixed_grid: Grid | None = None  # fixed mode; server mode: the server's or the received weights
+        # server mode, rank 0: the trained weights (checkpointed) and whether this process sent them yet
+        self._server_weights: np.ndarray | None = None
+        self._server_grid: Grid | None = None
+        self._fsrcnn_broadcast = False
+        self.fsrcnn_training: dict[str, float] = {}
+        # server mode, workers: the weights received from the server (cached across rounds)
+        self._received_weights: np.ndarray | None = None
+        self._received_grid: Grid | None = None
+        if self.fsrcnn_mode == "fixed":
+            self._fixed_grid = self._grid(self.shared_fsrcnn_weights())
+
+    @property
+    def fsrcnn_tag(self) -> str:
+        """The upsampler in payload headers: a config mismatch between parties is an error."""
+        shape = self.fsrcnn
+        return f"fsrcnn-{self.fsrcnn_mode}-d{shape.d}-s{shape.s}-m{shape.m}"
+
+    def shared_fsrcnn_weights(self) -> np.ndarray:
+        """The shared-seed initial FSRCNN weights (float32 vector, ``fsrcnn_init``): fixed mode's
+        upsampler and the start of every client in client mode."""
+        if self._shared_weights is None:
+            self._shared_weights = shared_init(self.fsrcnn, self.env.seed, self.options.fsrcnn_init).vector()
+        return self._shared_weights
+
+    def _grid(self, weights: np.ndarray, learnable: bool = False) -> Grid:
+        return grid_from_vector(self.fsrcnn, weights, self.env.model.vector.device, learnable)
+
+    def server_fsrcnn_weights(self) -> np.ndarray:
+        """Server mode, rank 0: the trained FSRCNN (trained on first use, or restored from a checkpoint).
+
+        Trained on CPU from the run's seed, so it does not depend on the device; it is still
+        checkpointed (``server_state``) because CPU kernels may round differently on another thread
+        count, and the weights a resumed server decodes with must be the ones its clients hold.
+        """
+        if self._server_weights is None:
+            _, height, width = self.env.input_shape
+            o = self.options
+            started = time.perf_counter()
+            net, self.fsrcnn_training = train_server_fsrcnn(
+                self.fsrcnn, (height, width), self.env.pixel_mean_std, self.env.seed, o.fsrcnn_server_steps,
+                batch=o.fsrcnn_server_batch, lr=o.fsrcnn_server_lr,
+            )
+            self._server_weights = net.vector()
+            info = self.fsrcnn_training
+            print(f"[osfed-hpc] {self.name}: trained the server FSRCNN on the public image in "
+                  f"{time.perf_counter() - started:.1f} s ({o.fsrcnn_server_steps} steps; last batch MSE "
+                  f"{info['loss']:.4f}, bilinear {info['bilinear_loss']:.4f})", flush=True)
+        return self._server_weights
+
+    def _server_side_grid(self) -> Grid:
+        if self._server_grid is None:
+            self._server_grid = self._grid(self.server_fsrcnn_weights())
+        return self._server_grid
+
+    def _client_side_grid(self) -> Grid:
+        if self._received_grid is None:
+            raise ValueError("fsrcnn_mode=server: this worker has not received the server's FSRCNN weights "
+                             "(they come with the first round a server process runs)")
+        return self._received_grid
+
+    def _wire_grid(self, arrays: dict[str, np.ndarray], server_side: bool) -> Grid:
+        """The multi-grid function a payload was encoded with: bilinear, the fixed FSRCNN, the one
+        whose weights the payload carries (client mode) or the server's broadcast one (server mode)."""
+        if self.fsrcnn is None:
+            return self.grid
+        if self.fsrcnn_mode == "fixed":
+            return self._fixed_grid
+        if self.fsrcnn_mode == "client":
+            return self._grid(np.asarray(arrays[FSRCNN_ARRAY]))
+        return self._server_side_grid() if server_side else self._client_side_grid()
 
     def payload_size_hint(self) -> int:
         """Exact for float32 snapshots; 8-bit codecs are smaller."""
@@ -188,8 +334,11 @@ class OSFed(Algorithm):
     def header(self, round: int, client_id: int) -> dict[str, Any]:
         """Meta every payload carries and the server checks: a config mismatch is an error, not noise."""
         o = self.options
-        return {"algorithm": self.name, "round": round, "client": client_id, "factor": o.factor,
-                "num_snapshots": o.num_snapshots, "multigrid": o.multigrid, "codec": o.codec, "mode": MODE}
+        header = {"algorithm": self.name, "round": round, "client": client_id, "factor": o.factor,
+                  "num_snapshots": o.num_snapshots, "multigrid": o.multigrid, "codec": o.codec, "mode": MODE}
+        if self.fsrcnn is not None:  # bilinear payloads keep the paper's header
+            header["upsampler"] = self.fsrcnn_tag
+        return header
 
     def _expected_arrays(self, raw: bool = False) -> dict[str, tuple[str, tuple[int, ...] | None]]:
         spec: dict[str, tuple[str, tuple[int, ...] | None]] = {}
@@ -198,6 +347,8 @@ class OSFed(Algorithm):
         else:
             spec.update(array_spec(self.options.num_snapshots))
         spec["labels"] = (self.options.label_dtype, self.labels_shape)
+        if self.fsrcnn_mode == "client":
+            spec[FSRCNN_ARRAY] = ("float32", (self.fsrcnn.num_parameters,))
         spec["scale"] = ("float32", (self.num_scales,))
         return spec
 
@@ -221,10 +372,38 @@ class OSFed(Algorithm):
         device = self.env.model.vector.device
         return snapshots.to(device), labels.to(device)
 
-    def _direction(self, snapshots: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _direction(self, snapshots: torch.Tensor, labels: torch.Tensor, grid: Grid | None = None) -> torch.Tensor:
+        """g(S, Y) at W_t through ``grid`` (default: the bilinear multi-grid); both sides call this."""
         model = self.env.model
         with exact_numerics(model.model):
-            return synthetic_gradient(model, snapshots, labels, self.grid, create_graph=False)
+            return synthetic_gradient(model, snapshots, labels, self.grid if grid is None else grid, create_graph=False)
+
+    # server to clients (server-mode FSRCNN) ----------------------------------------------------
+    def server_message(self, round: int) -> ServerMessage:
+        """The model; in server mode also the FSRCNN weights in the first round this server process
+        runs (round 1, or the first round after a resume, when workers may be new processes). The
+        runner counts the message's ``common`` part once per selected client of that round."""
+        if self.fsrcnn_mode != "server" or self._fsrcnn_broadcast:
+            return ServerMessage(model=True)
+        weights = self.server_fsrcnn_weights()
+        self._fsrcnn_broadcast = True
+        common = Payload(meta={"algorithm": self.name, "round": round, "upsampler": self.fsrcnn_tag},
+                         arrays={FSRCNN_ARRAY: weights})
+        return ServerMessage(model=True, common=common)
+
+    def client_begin_round(self, message: ReceivedMessage) -> None:
+        """Server mode: cache the FSRCNN weights when the message carries them (checked first)."""
+        if self.fsrcnn_mode != "server" or message.common is None:
+            return
+        context = f"round {message.round}: server FSRCNN weights"
+        require_meta(message.common.meta, {"algorithm": self.name, "round": message.round,
+                                           "upsampler": self.fsrcnn_tag}, context)
+        require(message.common, {FSRCNN_ARRAY: ("float32", (self.fsrcnn.num_parameters,))}, context)
+        weights = np.array(message.common.arrays[FSRCNN_ARRAY], dtype=np.float32)  # a copy: the buffer is reused
+        if not np.isfinite(weights).all():
+            raise ValueError(f"{context} hold NaN or Inf")
+        self._received_weights = weights
+        self._received_grid = self._grid(weights)
 
     # worker side -------------------------------------------------------------------------------
     def client_update(self, ctx: ClientContext) -> ClientResult:
@@ -246,14 +425,20 @@ class OSFed(Algorithm):
         tau_norm = float(target.norm())
         if not math.isfinite(tau_norm):
             return self._rejection(meta, "update holds NaN or Inf (local training diverged)", tau_norm, None, {})
+        grid, learnable = self._synthesis_grid(ctx)
         snapshots, labels, info = synthesize(
-            self.env.model, target, self.env.input_shape, self.options.num_snapshots, self.grid,
-            self.env.num_classes, self.options.synthesis(), ctx.generator,
+            self.env.model, target, self.env.input_shape, self.options.num_snapshots, grid,
+            self.env.num_classes, self.options.synthesis(), ctx.generator, learnable=learnable,
         )
         if not (torch.isfinite(snapshots).all() and torch.isfinite(labels).all()):
             return self._rejection(meta, "snapshot holds NaN or Inf", tau_norm, target, info)
         arrays = self._wire_arrays(snapshots, labels)
-        direction = self._direction(*self._decode_arrays(arrays))
+        if learnable:  # client mode: the FSRCNN at the best iterate goes with the snapshot
+            weights = grid.net.vector()
+            if not np.isfinite(weights).all():
+                return self._rejection(meta, "FSRCNN weights hold NaN or Inf", tau_norm, target, info)
+            arrays[FSRCNN_ARRAY] = weights
+        direction = self._direction(*self._decode_arrays(arrays), self._wire_grid(arrays, server_side=False))
         if self.options.scales == "tensor":
             scale = least_squares_scales(direction, target, self.tensor_sizes)
         else:
@@ -263,12 +448,31 @@ class OSFed(Algorithm):
         update = self._scaled(scale, direction)
         residual = target - update
         arrays["scale"] = (scale.cpu().numpy() if torch.is_tensor(scale) else np.array([scale])).astype(np.float32)
+        if learnable and self.options.fsrcnn_client_weights == "persistent":
+            ctx.state[FSRCNN_STATE_KEY] = arrays[FSRCNN_ARRAY].copy()
         stats = {
             "cos": abs(float(cosine(update, target))), "cos_init": info["cos_init"], "tau_norm": tau_norm,
             "residual_norm": float(residual.norm()), "synth_seconds": info["seconds"],
             "synth_iters": info["iterations"], "scale": float(scale.abs().mean()) if torch.is_tensor(scale) else scale,
         }
         return ClientEncoding(Payload(meta=meta, arrays=arrays), direction, scale, residual, stats)
+
+    def _synthesis_grid(self, ctx: ClientContext) -> tuple[Grid, list[torch.Tensor]]:
+        """The multi-grid function the synthesis runs through, and the tensors it learns besides (S, Y).
+
+        Client mode: a fresh FSRCNN from this client's weights of its previous round (``persistent``;
+        the shared init in its first round) or from the shared init (``reset``), all of it learnable.
+        """
+        if self.fsrcnn_mode != "client":
+            return self._wire_grid({}, server_side=False), []
+        start = self.shared_fsrcnn_weights()
+        if self.options.fsrcnn_client_weights == "persistent" and FSRCNN_STATE_KEY in ctx.state:
+            start = ctx.state[FSRCNN_STATE_KEY]
+            if start.shape != (self.fsrcnn.num_parameters,) or start.dtype != np.float32:
+                raise ValueError(f"state {FSRCNN_STATE_KEY!r} is {start.dtype}{list(start.shape)}, expected "
+                                 f"float32[{self.fsrcnn.num_parameters}] (algorithm.fsrcnn_* changed on resume?)")
+        grid = self._grid(start, learnable=True)
+        return grid, list(grid.net.parameters())
 
     def _rejection(self, meta, reason: str, tau_norm: float, residual, info: dict[str, float]) -> ClientEncoding:
         """A payload the server will refuse, sent so the round's bookkeeping sees this client.
@@ -289,6 +493,7 @@ class OSFed(Algorithm):
     def server_begin(self, round: int) -> None:
         self._round = round
         self._mean = self.new_mean(self.env.model.params_vector, round)
+        self.pictures.begin(round)
 
     def _scaled(self, scale: float | torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
         """s * g*, with one scale per parameter tensor when ``scale`` is a tensor of them."""
@@ -308,19 +513,46 @@ class OSFed(Algorithm):
         scale = torch.from_numpy(scales.copy()) if self.options.scales == "tensor" else float(scales[0])
         try:
             snapshots, labels = self._decode_arrays(payload.arrays)
+            grid = self._wire_grid(payload.arrays, server_side=True)
         except ValueError as exc:
             raise ValueError(f"{context}: {exc}") from None
         if not (torch.isfinite(snapshots).all() and torch.isfinite(labels).all()):
             raise ValueError(f"{context}: snapshot or labels hold NaN or Inf")
-        return scale, self._direction(snapshots, labels)
+        self._decoded = (snapshots, labels, grid)  # for the round's picture, if one is due
+        return scale, self._direction(snapshots, labels, grid)
 
     def server_accumulate(self, client_id: int, payload: Payload, weight: float) -> dict[str, float]:
         scale, direction = self.decode(client_id, payload)
         update = self._scaled(scale, direction)
         self._mean.add(update, client_weight(self.options.weighting, weight), client_id)
+        if self.pictures.active:  # a picture round (rank 0): what this accepted client sent
+            self.pictures.add(client_id, *self._decoded)
         return {"decoded_norm": float(update.norm())}
 
     def server_finish(self) -> torch.Tensor:
         """W_t + the server optimizer's step on the mean decoded update (parameters); float buffers
         (GroupNorm models have none) are carried over unchanged: a snapshot says nothing about them."""
+        self.pictures.finish()
         return self.apply_mean(self._mean)
+
+    # checkpointing -----------------------------------------------------------------------------
+    def server_state(self) -> dict[str, np.ndarray]:
+        """Server mode: the trained FSRCNN (51 KB for 1 channel), so a resumed server decodes with the
+        very weights its clients were sent."""
+        if self.fsrcnn_mode == "server" and self._server_weights is not None:
+            return {FSRCNN_SERVER_KEY: self._server_weights.copy()}
+        return {}
+
+    def load_server_state(self, state: dict[str, np.ndarray]) -> None:
+        state = dict(state)
+        weights = state.pop(FSRCNN_SERVER_KEY, None)
+        if weights is not None:
+            if self.fsrcnn_mode != "server":
+                raise ValueError(f"{self.name}: the checkpoint holds server FSRCNN weights, but "
+                                 f"algorithm.upsampler/fsrcnn_mode is not fsrcnn/server")
+            if weights.shape != (self.fsrcnn.num_parameters,) or weights.dtype != np.float32:
+                raise ValueError(f"{self.name}: server state {FSRCNN_SERVER_KEY!r} is {weights.dtype}"
+                                 f"{list(weights.shape)}, expected float32[{self.fsrcnn.num_parameters}]")
+            self._server_weights = np.array(weights)
+            self._server_grid = None
+        super().load_server_state(state)

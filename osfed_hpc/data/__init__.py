@@ -29,6 +29,7 @@ _EXPORTS = {
     "EncodedImages": "loader",
     "build_train_data": "loader",
     "build_eval_data": "loader",
+    "load_samples": "loader",
 }
 
 __all__ = sorted(_EXPORTS)

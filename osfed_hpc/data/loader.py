@@ -435,3 +435,26 @@ def build_eval_data(
         return InMemoryImages(reader, split, None, device, resolution, batch_size=batch_size)
     return EncodedImages(reader, split, device, resolution, num_workers,  # type: ignore[arg-type]
                          batch_size=batch_size, mp_context=mp_context)
+
+
+def load_samples(
+    reader: DatasetReader,
+    split: str,
+    indices: np.ndarray,
+    device: torch.device | str,
+    resolution: int | None,
+) -> Batch:
+    """Samples ``indices`` of ``split`` (in the order given, repeats allowed) as one normalised batch
+    on ``device``, decoded like evaluation data: for methods that need a few samples outside any
+    client's partition (a server's public slice, a distillation set)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    count = reader.count(split)
+    if indices.size and (indices.min() < 0 or indices.max() >= count):
+        raise DataError(f"{reader.path}: split '{split}' has {count} samples; asked for index "
+                        f"{int(indices.min() if indices.min() < 0 else indices.max())}")
+    unique = np.unique(indices)
+    if reader.encoding == "raw":
+        data = InMemoryImages(reader, split, unique, device, resolution)
+    else:
+        data = EncodedImages(reader, split, device, resolution, 0, indices=unique)  # type: ignore[arg-type]
+    return data.client(indices).full_batch()
