@@ -236,6 +236,9 @@ class Runner:
         if resume:
             self._restore(ckpt.latest_checkpoint(run_dir))
         self._say_hello()
+        if world.is_server:
+            for warning in self.algorithm_cls.config_warnings(self.options, config.train):
+                print(f"[osfed-hpc] warning: {warning}", file=sys.stderr, flush=True)
         record_environment(run_dir, world, describe(self.device), resume, self.start_round, self.threads)  # env.jsonl
         self.tensorboard = TensorBoardLog.open(config, run_dir, self.start_round) if world.is_server else None
         self.round_seconds: list[float] = []  # rounds done in this process, for the ETA

@@ -379,3 +379,16 @@ def test_one_round_moves_the_model_along_the_mean_update(weighting):
     torch.testing.assert_close(step, 0.5 * expected / total)
     mean_delta = sum(deltas.values()) / 3
     assert cos(step, mean_delta) > 0.2
+
+
+def test_local_momentum_with_a_snapshot_method_is_warned_about():
+    from dataclasses import replace as _replace
+
+    from osfed_hpc.algorithms.osfed import OSFed
+    from osfed_hpc.algorithms.sfc3 import SFC3
+    from osfed_hpc.config import TrainConfig
+
+    for cls in (OSFed, SFC3):
+        warnings = cls.config_warnings(cls.Options(), _replace(TrainConfig(), momentum=0.9))
+        assert len(warnings) == 1 and "train.momentum=0.9" in warnings[0] and cls.name in warnings[0]
+        assert cls.config_warnings(cls.Options(), _replace(TrainConfig(), momentum=0.0)) == []

@@ -168,6 +168,12 @@ class Algorithm:
             raise ValueError(f"config key 'rounds': got {rounds}, expected 1: {cls.name} is one-shot (one upload "
                              f"per client, then the server trains; its epochs are algorithm.server_epochs)")
 
+    @classmethod
+    def config_warnings(cls, options: Algorithm.Options, train: Any) -> list[str]:
+        """Settings that run but that the method's paper does not use and that are known to hurt it;
+        rank 0 prints each once at start-up (a warning, not an error: the user may mean it)."""
+        return []
+
     # the model ---------------------------------------------------------------------------------
     @classmethod
     def adapt_model(cls, net: nn.Module, options: Algorithm.Options, num_classes: int, seed: int,
