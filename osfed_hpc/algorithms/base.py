@@ -270,6 +270,15 @@ class Algorithm:
     def server_state(self) -> dict[str, np.ndarray]:
         return {}
 
+    def prefixed_state(self, state: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+        """The arrays of ``state`` whose keys start with ``prefix`` (prefix removed); any other key is a
+        ValueError naming it (a checkpoint of another method or version)."""
+        mine = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        other = sorted(key for key in state if not key.startswith(prefix))
+        if other:
+            raise ValueError(f"{self.name}: unexpected server state {other}")
+        return mine
+
     def load_server_state(self, state: dict[str, np.ndarray]) -> None:
         if state:
             raise ValueError(f"{self.name} keeps no server state, but the checkpoint has {sorted(state)}")

@@ -640,10 +640,7 @@ class FedSD2C(Algorithm):
     def load_server_state(self, state: dict[str, np.ndarray]) -> None:
         self._clear_server()
         self._teacher_net = None
-        mine = {key[len(_PREFIX):]: value for key, value in state.items() if key.startswith(_PREFIX)}
-        other = sorted(set(state) - {_PREFIX + key for key in mine})
-        if other:
-            raise ValueError(f"{self.name}: unexpected server state {other}")
+        mine = self.prefixed_state(state, _PREFIX)
         if not mine:
             return
         pooled = {key: np.array(mine.pop(key)) for key in ("latents", "labels", "clients", "teacher_logits") if key in mine}

@@ -464,10 +464,7 @@ class OSCAR(Algorithm):
 
     def load_server_state(self, state: dict[str, np.ndarray]) -> None:
         self._clear_phase()
-        mine = {key[len(PREFIX):]: value for key, value in state.items() if key.startswith(PREFIX)}
-        other = sorted(set(state) - {PREFIX + key for key in mine})
-        if other:
-            raise ValueError(f"{self.name}: unexpected server state {other}")
+        mine = self.prefixed_state(state, PREFIX)
         if not mine:
             return
         if "round" not in mine:
