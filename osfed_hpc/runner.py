@@ -747,6 +747,9 @@ class Runner:
             self.server_algorithm.load_server_state(server_state)
         phase = checkpoint.manifest.get("phase")
         if phase is not None:
+            if phase["round"] > self.config.rounds:
+                raise RunError(f"cannot resume {str(self.run_dir)!r} with rounds={self.config.rounds}: it stopped inside "
+                               f"round {phase['round']}'s server phase (give rounds >= {phase['round']})")
             self.resume_phase = phase
         if self.world.is_server:
             self.log.truncate_after(checkpoint.round, (phase["round"], phase["epoch"]) if phase else None)

@@ -59,6 +59,9 @@ def test_sigusr1_inside_the_phase_then_resume_is_bit_exact(digits_dir, tmp_path,
     assert stopped.returncode == 0, stopped.stderr
     assert not (out / "summary.json").exists()
     assert (out / "checkpoints" / "round-000001-phase-000002" / "manifest.json").exists()
+    if np_resume == 1:
+        short = osfed("run", "--resume", str(out), "rounds=1", env=EXTRA)
+        assert short.returncode == 2 and "stopped inside round 2's server phase (give rounds >= 2)" in short.stderr
     resumed = osfed("run", "--resume", str(out), np=np_resume, timeout=300, env=EXTRA)
     assert resumed.returncode == 0, resumed.stderr
     assert "server phase of round 2 at epoch 2" in resumed.stdout
