@@ -275,7 +275,7 @@ def test_family_wrapper_slices_and_payloads_hold_only_the_clients_family():
     mlp = sum(p.numel() for p in net.families[1].parameters())
     assert server.ranges == [[(0, cnn)], [(cnn, cnn + mlp)]] and server.env.model.numel == cnn + mlp
     vector = server.env.model.vector
-    torch.testing.assert_close(server.gather(vector, 1), torch.cat([p.detach().reshape(-1) for p in net.families[1].parameters()]))
+    torch.testing.assert_close(server.family_values(vector, 1), torch.cat([p.detach().reshape(-1) for p in net.families[1].parameters()]))
     assert classifier_layer(net.families[0]) is net.families[0].classifier[3]
     assert classifier_layer(net.families[1]) is net.families[1].net[5]
 
@@ -299,7 +299,7 @@ def test_family_wrapper_slices_and_payloads_hold_only_the_clients_family():
     new = server.server_finish()
     for family, clients in ((0, (0, 2)), (1, (1, 3))):
         mean = sum(torch.from_numpy(payloads[c].arrays["update"].copy()) for c in clients) / 2
-        torch.testing.assert_close(server.gather(new, family), server.gather(start, family) + mean)
+        torch.testing.assert_close(server.family_values(new, family), server.family_values(start, family) + mean)
 
 
 def test_families_must_start_with_the_runs_model_and_name_known_models():

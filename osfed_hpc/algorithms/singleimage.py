@@ -383,12 +383,12 @@ class SingleImage(Algorithm):
     def family_of(self, client: int) -> int:
         return client % len(self.nets)
 
-    def gather(self, vector: torch.Tensor, family: int) -> torch.Tensor:
+    def family_values(self, vector: torch.Tensor, family: int) -> torch.Tensor:
         """The family's part of a flat vector (a copy)."""
         spans = self.ranges[family]
         return torch.cat([vector[a:b] for a, b in spans]) if len(spans) > 1 else vector[spans[0][0] : spans[0][1]].clone()
 
-    def scatter(self, vector: torch.Tensor, family: int, values: torch.Tensor) -> None:
+    def set_family_values(self, vector: torch.Tensor, family: int, values: torch.Tensor) -> None:
         """Write the family's part of a flat vector in place."""
         offset = 0
         for a, b in self.ranges[family]:
@@ -520,9 +520,9 @@ class SingleImage(Algorithm):
         family = self.family_of(ctx.client_id)
         net = self.nets[family]
         model = self.env.model
-        start = self.gather(model.vector, family)
+        start = self.family_values(model.vector, family)
         loss, steps = self._train(net, ctx)
-        update = self.gather(model.vector, family) - start
+        update = self.family_values(model.vector, family) - start
         logits, _ = self.score(net, self.patches(indices), embeddings=False)
         logits = clip_logits(logits, self.options.clip_factor, self.options.clip_rule)
         payload = Payload(meta=self.header(ctx.round, ctx.client_id),
@@ -610,7 +610,7 @@ class SingleImage(Algorithm):
             update = torch.zeros_like(model.vector)
             for family, mean in enumerate(means):
                 if mean is not None:
-                    self.scatter(update, family, mean)
+                    self.set_family_values(update, family, mean)
             state = self.apply_update(update)
         if self._logit_weight > 0 and self.options.server_steps > 0 and len(self._selection):
             self._phase_round = self._round
