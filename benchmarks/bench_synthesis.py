@@ -1,4 +1,5 @@
-"""Snapshot synthesis: ``osfed_hpc.snapshot.synthesize`` against a 3SFC-style reference loop.
+"""Snapshot synthesis: ``osfed_hpc.snapshot_search.synthesize`` against a 3SFC-style reference
+loop, with and without the early stop, and the batched search of several clients against one at a time.
 
 The reference does what the 3SFC code does each iteration: deep-copy the model once, take the
 parameter gradient with ``autograd.grad(create_graph=True)``, then ``loss.backward()``, which also
@@ -6,7 +7,9 @@ computes second-order gradients into every model parameter, and re-evaluate the 
 (double backward included) after each LBFGS step. Ours differentiates w.r.t. (S, Y) only, does not
 copy the model, takes the cosine from per-tensor dot products (no concatenated g) and re-evaluates
 with a first-order pass. Both start from the same (S, Y), run the same LBFGS settings and must reach
-the same cosine.
+the same cosine. ``ours+stop`` is the same search with ``stop_tolerance`` (``--stop-tolerance``).
+``sequential`` runs ``synthesize`` for ``--clients`` different targets one after the other,
+``batched`` runs ``synthesize_batch`` on the same targets and starts; both report seconds per client.
 
 Every (case, variant) runs in a fresh subprocess, so the peak memory (CPU: ``ru_maxrss`` growth
 over the process's state before synthesis; CUDA: ``max_memory_allocated`` growth) belongs to that
@@ -40,9 +43,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from osfed_hpc.flat import FlatModel  # noqa: E402
 from osfed_hpc.models import build_model  # noqa: E402
-from osfed_hpc.snapshot import MultiGrid, SynthesisConfig, cosine, exact_numerics, synthesize  # noqa: E402
+from osfed_hpc.snapshot import MultiGrid, cosine, exact_numerics  # noqa: E402
+from osfed_hpc.snapshot_search import SynthesisConfig, synthesize, synthesize_batch  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "synthesis.json"
+VARIANTS = ("ours", "ours+stop", "reference", "sequential", "batched")
 COS_TOLERANCE = 0.02
 
 
@@ -58,15 +63,20 @@ class Case:
     max_iter: int
     target_batch: int = 32
     seed: int = 0
+    clients: int = 5
+    stop_tolerance: float = 1e-3
 
 
 def cases(args: argparse.Namespace) -> list[Case]:
     small_outer = 2 if args.quick else args.small_outer_steps
     large_size = 64 if args.quick else args.large_size
     return [
-        Case("cnn-28px-f2", "cnn", 1, 28, 10, 2, small_outer, args.small_max_iter),
+        Case("cnn-28px-f2", "cnn", 1, 28, 10, 2, small_outer, args.small_max_iter, clients=args.clients,
+             stop_tolerance=args.stop_tolerance),
+        Case("cnn-28px-f4", "cnn", 1, 28, 10, 4, small_outer, args.small_max_iter, clients=args.clients,
+             stop_tolerance=args.stop_tolerance),
         Case(f"resnet18_gn-{large_size}px-f2", "resnet18_gn", 3, large_size, 10, 2, 1, args.large_evals,
-             target_batch=4),
+             target_batch=4, clients=args.clients, stop_tolerance=args.stop_tolerance),
     ]
 
 
@@ -108,14 +118,17 @@ def reference_synthesize(net: torch.nn.Module, target: torch.Tensor, shape, labe
 # one variant in one process
 
 
-def make_target(case: Case, device: torch.device) -> torch.Tensor:
-    """-lr * gradient of a random labelled batch: shaped like a real local update."""
+def make_targets(case: Case, device: torch.device) -> torch.Tensor:
+    """[clients, P]: -lr * gradient of a random labelled batch per client, shaped like real local updates."""
     net = build_model(case.model, case.channels, case.size, case.classes, seed=case.seed).to(device)
-    gen = torch.Generator().manual_seed(case.seed + 1)
-    x = torch.randn(case.target_batch, case.channels, case.size, case.size, generator=gen).to(device)
-    y = torch.randint(0, case.classes, (case.target_batch,), generator=gen).to(device)
-    grads = torch.autograd.grad(F.cross_entropy(net(x), y), list(net.parameters()))
-    return -0.05 * torch.cat([g.reshape(-1) for g in grads]).detach()
+    targets = []
+    for client in range(case.clients):
+        gen = torch.Generator().manual_seed(case.seed + 1 + client)
+        x = torch.randn(case.target_batch, case.channels, case.size, case.size, generator=gen).to(device)
+        y = torch.randint(0, case.classes, (case.target_batch,), generator=gen).to(device)
+        grads = torch.autograd.grad(F.cross_entropy(net(x), y), list(net.parameters()))
+        targets.append(-0.05 * torch.cat([g.reshape(-1) for g in grads]).detach())
+    return torch.stack(targets)
 
 
 def _peak_bytes(device: torch.device) -> int:
@@ -125,7 +138,8 @@ def _peak_bytes(device: torch.device) -> int:
 
 
 def run_variant(variant: str, case: Case, target_path: str, device: torch.device, inner: int) -> dict:
-    target = torch.load(target_path).to(device)
+    targets = torch.load(target_path).to(device)
+    target = targets[0]
     net = build_model(case.model, case.channels, case.size, case.classes, seed=case.seed).to(device)
     model = FlatModel(net)
     grid = MultiGrid(case.factor)
@@ -134,9 +148,21 @@ def run_variant(variant: str, case: Case, target_path: str, device: torch.device
 
     def run(outer_steps: int, max_iter: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         generator = torch.Generator().manual_seed(1234)
-        if variant == "ours":
-            config = SynthesisConfig(outer_steps=outer_steps, lbfgs_max_iter=max_iter)
+        tolerance = case.stop_tolerance if variant == "ours+stop" else 0.0
+        config = SynthesisConfig(outer_steps=outer_steps, lbfgs_max_iter=max_iter, stop_tolerance=tolerance)
+        if variant in ("ours", "ours+stop"):
             return synthesize(model, target, shape[1:], 1, grid, case.classes, config, generator)
+        if variant in ("sequential", "batched"):
+            generators = [torch.Generator().manual_seed(1234 + c) for c in range(len(targets))]
+            if variant == "batched":
+                found = synthesize_batch(model, list(targets), shape[1:], 1, grid, case.classes, config, generators)
+            else:
+                found = [synthesize(model, t, shape[1:], 1, grid, case.classes, config, g)
+                         for t, g in zip(targets, generators)]
+            info = {"cos": sum(f[2]["cos"] for f in found) / len(found),
+                    "iterations": sum(f[2]["iterations"] for f in found) / len(found),
+                    "seconds": sum(f[2]["seconds"] for f in found) / len(found)}  # per client
+            return found[0][0], found[0][1], info
         short = Case(**{**asdict(case), "outer_steps": outer_steps, "max_iter": max_iter})
         return reference_synthesize(net, target, shape, labels_shape, grid, short, generator)
 
@@ -146,15 +172,16 @@ def run_variant(variant: str, case: Case, target_path: str, device: torch.device
     base = _peak_bytes(device)
     run(1, 1)  # warm-up: lazy initialisation, allocator and thread pools
     wall, cpu = [], []
+    per = case.clients if variant in ("sequential", "batched") else 1
     for _ in range(inner):  # the same computation each time; the fastest is the least disturbed
         started = time.process_time()
         _, _, info = run(case.outer_steps, case.max_iter)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        cpu.append(time.process_time() - started)
+        cpu.append((time.process_time() - started) / per)
         wall.append(info["seconds"])
     return {"seconds": min(wall), "cpu_seconds": min(cpu), "cos": info["cos"],
-            "evaluations": int(info["iterations"]), "peak_mib": (_peak_bytes(device) - base) / 2**20}
+            "evaluations": round(float(info["iterations"]), 1), "peak_mib": (_peak_bytes(device) - base) / 2**20}
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,18 +211,26 @@ def benchmark(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases(args):
             target_path = os.path.join(tmp, f"{case.name}.pt")
-            torch.save(make_target(case, device).cpu(), target_path)
-            runs: dict[str, list[dict]] = {"ours": [], "reference": []}
-            for _ in range(args.repeat):  # interleaved, so both variants see the same machine load
+            torch.save(make_targets(case, device).cpu(), target_path)
+            runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+            for _ in range(args.repeat):  # interleaved, so all variants see the same machine load
                 for variant in runs:
                     runs[variant].append(spawn(variant, case, target_path, args))
-            ours, reference = summarize(runs["ours"]), summarize(runs["reference"])
+            done = {name: summarize(r) for name, r in runs.items()}
+            ours, reference, stop = done["ours"], done["reference"], done["ours+stop"]
+            sequential, batched = done["sequential"], done["batched"]
             results.append({
-                "case": asdict(case), "name": case.name, "ours": ours, "reference": reference,
+                "case": asdict(case), "name": case.name, **done,
                 "speedup": reference["seconds"] / ours["seconds"],
                 "speedup_cpu_time": reference["cpu_seconds"] / ours["cpu_seconds"],
                 "cos_difference": abs(ours["cos"] - reference["cos"]),
                 "same_cos": abs(ours["cos"] - reference["cos"]) <= COS_TOLERANCE,
+                "stop_speedup": reference["seconds"] / stop["seconds"],
+                "stop_speedup_cpu_time": reference["cpu_seconds"] / stop["cpu_seconds"],
+                "stop_same_cos": abs(stop["cos"] - reference["cos"]) <= COS_TOLERANCE,
+                "batch_speedup": sequential["seconds"] / batched["seconds"],
+                "batch_speedup_cpu_time": sequential["cpu_seconds"] / batched["cpu_seconds"],
+                "batch_same_cos": abs(batched["cos"] - sequential["cos"]) <= COS_TOLERANCE,
             })
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -208,16 +243,21 @@ def benchmark(args: argparse.Namespace) -> dict:
 
 
 def print_table(report: dict) -> None:
-    header = (f"{'case':<26}{'evals ours/ref':>16}{'ours s':>10}{'ref s':>10}{'speedup':>9}{'(cpu)':>8}"
-              f"{'cos ours':>10}{'cos ref':>10}{'peak MiB ours/ref':>20}")
+    header = (f"{'case':<24}{'variant':<12}{'evals':>8}{'s/client':>10}{'cpu s':>9}{'cos':>8}{'peak MiB':>10}"
+              f"{'speed-up (wall, cpu)':>26}")
     print(header)
     print("-" * len(header))
     for r in report["cases"]:
-        o, ref = r["ours"], r["reference"]
-        print(f"{r['name']:<26}{o['evaluations']:>7}/{ref['evaluations']:<8}{o['seconds']:>10.3f}"
-              f"{ref['seconds']:>10.3f}{r['speedup']:>8.2f}x{r['speedup_cpu_time']:>7.2f}x"
-              f"{o['cos']:>10.4f}{ref['cos']:>10.4f}"
-              f"{o['peak_mib']:>11.1f}/{ref['peak_mib']:<8.1f}")
+        against = {"ours": ("reference", "speedup"), "ours+stop": ("reference", "stop_speedup"),
+                   "batched": ("sequential", "batch_speedup")}
+        for variant in VARIANTS:
+            v = r[variant]
+            ratio = ""
+            if variant in against:
+                base, key = against[variant]
+                ratio = f"{r[key]:.2f}x, {r[key + '_cpu_time']:.2f}x vs {base}"
+            print(f"{r['name']:<24}{variant:<12}{v['evaluations']:>8}{v['seconds']:>10.3f}{v['cpu_seconds']:>9.3f}"
+                  f"{v['cos']:>8.4f}{v['peak_mib']:>10.1f}  {ratio}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -233,7 +273,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--clients", type=int, default=5, help="clients of the sequential/batched comparison")
+    parser.add_argument("--stop-tolerance", type=float, default=1e-3, help="stop_tolerance of the ours+stop variant")
+    parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
     return parser.parse_args(argv)

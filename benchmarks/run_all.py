@@ -30,6 +30,7 @@ HERE = ROOT / "benchmarks"
 #: name -> (script, result file stem); loader and synthesis belong to other owners, run if present
 BENCHMARKS = {
     "client_overhead": ("bench_client_overhead.py", "client_overhead"),
+    "runner_bound": ("bench_runner_bound.py", "runner_bound"),
     "efficiency": ("bench_efficiency.py", "efficiency"),
     "exchange": ("bench_exchange.py", "exchange"),
     "memory": ("bench_memory.py", "memory"),
@@ -61,6 +62,12 @@ def summarise(name: str, data: dict) -> list[tuple[str, str, str]]:
         rows.append(("  same, wall s (interleaved / real runs)",
                      f"{_fmt(f.get('ratio_client_update_vs_bare_wall'))} / "
                      f"{_fmt(f.get('ratio_real_run_client_seconds_vs_bare_wall'))}", "noisy when loaded"))
+    elif name == "runner_bound":
+        f = data.get("figures", {})
+        for side in ("dealt", "fixed"):
+            rows.append((f"mpirun -n 3 runner ({side} clients) / compute bound",
+                         _fmt(_get(f, side, "fraction_of_bound")),
+                         f"aim >= {f.get('aim', 0.95)}" if side == "dealt" else "fixed split, for comparison"))
     elif name == "efficiency":
         for case, f in data.get("figures", {}).items():
             rows.append((f"efficiency {case}: longest-first / round-robin*",
@@ -93,6 +100,11 @@ def summarise(name: str, data: dict) -> list[tuple[str, str, str]]:
         for case in data.get("cases", []):
             rows.append((f"synthesis {case.get('name', '?')}: ours vs 3SFC loop (CPU s speed-up)",
                          _fmt(case.get("speedup_cpu_time"), 2), f"same cos: {case.get('same_cos')}"))
+            if "stop_speedup_cpu_time" in case:
+                rows.append((f"synthesis {case.get('name', '?')}: ours+stop vs 3SFC loop (CPU s speed-up)",
+                             _fmt(case.get("stop_speedup_cpu_time"), 2), f"same cos: {case.get('stop_same_cos')}"))
+                rows.append((f"synthesis {case.get('name', '?')}: batched vs sequential clients (CPU s speed-up)",
+                             _fmt(case.get("batch_speedup_cpu_time"), 2), f"same cos: {case.get('batch_same_cos')}"))
     elif name == "loader":
         for case in data.get("raw_in_memory", []):
             rows.append((f"loader {case.get('case', '?')}: ours / plain", _fmt(case.get("ratio_ours_over_plain")), ""))

@@ -16,7 +16,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.np < 1:
         raise ConfigError(f"--np must be >= 1, got {args.np}")
-    plan = sw.load_sweep(args.sweep, args.out)
+    plan = sw.load_sweep(args.sweep, args.out, quick=args.quick)
     rows = sw.expand(plan)
     width = max(len(r.name) for r in rows)
     for row in rows:
@@ -52,6 +52,9 @@ def add_commands(sub) -> None:
     p.add_argument("--np", type=int, default=3, help="--local: MPI ranks per row (default 3)")
     p.add_argument("--mpirun", help="--local: the mpirun to use (default: next to python, else on PATH)")
     p.add_argument("--dry-run", action="store_true", help="validate and print; write, prepare and start nothing")
+    p.add_argument("--quick", action="store_true",
+                   help="only the sweep file's 'quick' subset (few rows, short runs; for CI and smoke tests), "
+                        "named <name>-quick and written to <out>-quick unless --out is given")
     p.add_argument("--script", help="job array script (default: jobs/sweep.slurm)")
     p.add_argument("--max-parallel", type=int, help="at most this many array tasks at once (--array=0-N%%K)")
     p.add_argument("--sbatch-arg", action="append", metavar="ARG",

@@ -47,6 +47,11 @@ class DataConfig:
     resolution: int | None = None
     #: DataLoader worker processes per rank for JPEG datasets (0 = load in the rank itself)
     num_workers: int = 0
+    # -- loader options (JPEG datasets only) --
+    #: decode at 1/2, 1/4 or 1/8 DCT scale when the crop allows it: faster, slightly different pixels
+    jpeg_draft: bool = False
+    #: where JPEGs are decoded: cpu (PIL, in the DataLoader workers) or cuda (nvjpeg on the training GPU)
+    decode_device: str = "cpu"
 
     def validate(self) -> None:
         _require(self.clients >= 1, "data.clients", self.clients, "an integer >= 1")
@@ -57,6 +62,7 @@ class DataConfig:
         _require(self.resolution is None or self.resolution >= 4, "data.resolution", self.resolution, "null or >= 4")
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
         _require(self.source in (None, "mnist5k", "digits"), "data.source", self.source, "null, 'mnist5k' or 'digits'")
+        _require(self.decode_device in ("cpu", "cuda"), "data.decode_device", self.decode_device, "'cpu' or 'cuda'")
 
 
 @dataclass

@@ -25,6 +25,9 @@ from .payload import Payload
 IN_PROCESS, GATHER, STREAM = 0, 1, 2
 MODE_NAMES = {IN_PROCESS: "in_process", GATHER: "gather", STREAM: "stream"}
 _PAYLOAD_TAG = 11
+#: with clients dealt at run time (``owner`` unknown to rank 0), client c streams with tag BASE + c
+#: and rank 0 receives it from whichever rank sends that tag
+CLIENT_TAG_BASE = 1000
 
 
 def choose_mode(world_size: int, payload_bytes: int, clients: int, gather_limit_bytes: int) -> int:
@@ -144,20 +147,28 @@ class GatherExchange(Exchange):
 
 class StreamExchange(Exchange):
     """Weight-sized payloads point to point, at most ``depth`` in flight per worker, received by
-    rank 0 in client-id order into one reused buffer and folded before the next arrives."""
+    rank 0 in client-id order into one reused buffer and folded before the next arrives.
 
-    def __init__(self, world: World, owner: dict[int, int], depth: int = 2) -> None:
+    ``owner=None``: clients are dealt at run time, so rank 0 does not know who hosts whom; each
+    payload then travels with its client's own tag and is taken from whichever rank sent it.
+    Workers must then take their clients in increasing id order (each one's sends are in
+    client-id order, so waiting for an older send still cannot deadlock)."""
+
+    def __init__(self, world: World, owner: dict[int, int] | None, depth: int = 2) -> None:
         self.world = world
         self.owner = owner
         self.sender = StreamSender(world, dest=0, tag=_PAYLOAD_TAG, depth=depth)
         self.buffer: np.ndarray | None = None
 
     def send(self, client: int, payload: Payload) -> None:
-        self.sender.send(payload)
+        self.sender.send(payload, None if self.owner is not None else CLIENT_TAG_BASE + client)
 
     def receive(self, selected: list[int]) -> Iterator[tuple[int, np.ndarray]]:
         for client in selected:
-            self.buffer = self.world.recv_bytes(self.owner[client], _PAYLOAD_TAG, into=self.buffer)
+            if self.owner is None:
+                self.buffer = self.world.recv_bytes(None, CLIENT_TAG_BASE + client, into=self.buffer)
+            else:
+                self.buffer = self.world.recv_bytes(self.owner[client], _PAYLOAD_TAG, into=self.buffer)
             yield client, self.buffer
 
     def end_of_round(self) -> None:
@@ -167,7 +178,8 @@ class StreamExchange(Exchange):
 class Exchanges:
     """The exchange objects of a run, one per mode (each keeps its reused buffers)."""
 
-    def __init__(self, world: World, owner: dict[int, int]) -> None:
+    def __init__(self, world: World, owner: dict[int, int] | None) -> None:
+        """``owner=None``: clients are dealt at run time (see ``StreamExchange``)."""
         self.by_mode: dict[int, Exchange] = {IN_PROCESS: InProcessExchange()}
         if world.size > 1:
             self.by_mode[GATHER] = GatherExchange(world)

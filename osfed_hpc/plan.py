@@ -324,7 +324,7 @@ def make_plan(config, ranks: int = 3, runs_dir: Path | str = "runs", resume_dir:
     model_bytes = 4 * flat.numel
 
     sizes = [int(s) for s in partition.sizes]
-    placement = assign_clients(sizes, worker_ranks)
+    placement = assign_clients(sizes, worker_ranks, block=max(1, int(algorithm.client_batch_size())))
     rounds = list(range(start_round, config.rounds + 1))
     selected_count = {rank: 0 for rank in range(ranks)}
     owner = {c: rank for rank, clients in placement.items() for c in clients}

@@ -1,7 +1,7 @@
 """Merge finished runs into tables and plots: the side-by-side comparison the demo prints, the
 Table-10 layout of the OS-Fed paper, CSV for sheets, and PNG curves.
 
-Reads only ``summary.json`` and ``metrics.jsonl`` of each run directory (a sweep folder stands for
+Reads only ``summary.json``, ``metrics.jsonl`` and (for the ablations) ``config.yaml`` of each run directory (a sweep folder stands for
 its rows), so a report can be made anywhere the run directories are readable, without MPI or torch.
 
 Table 10 (ImageNet-1K, Dirichlet 0.01) has one row per resolution, one column per client count with
@@ -11,6 +11,9 @@ rounds and client counts, because a GPU must hold the worst case; time is the me
 rounds of one client's update, because that is what a client pays per round on average. Table 10 is
 only printed when some run has a resolution of at least 64 px (``TABLE10_MIN_RESOLUTION``): the table is
 about ImageNet-scale inputs, and an MNIST or digits comparison would get a meaningless block of 28² rows.
+
+The OS-Fed appendix ablations (Fig. 10, Tables 8 and 9, D.5, 3SFC vs OS-Fed) are laid out by
+``osfed_hpc.ablations`` from each run's ``config.yaml``, with mean ± sample std over seeds.
 
 Bytes to target answers "what does it cost to get good enough": the target accuracy is 90 % of the best
 FedAvg run's final accuracy among the reported runs (or ``--target``), and for every run the report gives
@@ -30,6 +33,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from . import ablations
 from .errors import RunError
 
 COLUMNS = ("run", "algorithm", "model", "clients", "resolution", "rounds", "final_accuracy",
@@ -605,8 +609,10 @@ def write_gallery(folder: Path, runs: list[dict[str, Any]], include_snapshots: b
 def run_report(run_dirs: list[str], out: str | None = None, target: str | float | None = None,
                include_snapshots: bool = False) -> int:
     """Print the comparison, Table 10 (only when some run has a resolution >= 64 px, see
-    ``wants_table10``) and the bytes-to-target table; with ``out``, write report.csv, report.md,
-    table10.csv (with Table 10), bytes_to_target.csv (when there is a target) and the PNG plots there.
+    ``wants_table10``), the bytes-to-target table and the OS-Fed ablation tables (only those whose
+    runs exist, see ``osfed_hpc.ablations``); with ``out``, write report.csv, report.md, table10.csv
+    (with Table 10), bytes_to_target.csv (when there is a target), ablations.md and ablations.csv
+    (with ablation tables) and the PNG plots there.
 
     ``target`` (a fraction, or a percentage above 1) replaces the default of 90 % of the best FedAvg
     final accuracy; it is checked before any run is read, so a typo fails at once. With ``out``, runs
@@ -627,9 +633,18 @@ def run_report(run_dirs: list[str], out: str | None = None, target: str | float 
     goal, note = choose_target(runs, override)
     targets = bytes_to_target(runs, goal) if goal is not None else []
     text += "\n\n" + (bytes_to_target_markdown(targets, note) if goal is not None else note)
+    contexts = ablations.build_contexts(runs)
+    ablation_text = ablations.ablation_markdown(contexts)
+    if ablation_text:
+        text += "\n\n" + ablation_text
     print(text)
     if out:
         _write_outputs(Path(out), runs, rows, cells, targets, goal, text)
+        if ablation_text:
+            folder = Path(out)
+            (folder / "ablations.md").write_text(ablation_text + "\n")
+            (folder / "ablations.csv").write_text(ablations.ablation_csv(ablations.ablation_rows(contexts)))
+            print(f"wrote ablations.md, ablations.csv in {folder}")
         write_gallery(Path(out), runs, include_snapshots)
     return 0
 

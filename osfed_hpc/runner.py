@@ -5,17 +5,28 @@ One round::
 
     rank 0:  message = algorithm.server_message(r)
              control Bcast [exchange mode, model?, message length, phase epochs] -> model Bcast -> message Bcast
-    workers: algorithm.client_begin_round(message); for each of my selected clients: client_update -> send
+    workers: algorithm.client_begin_round(message); for each of my selected clients (a rank's own, or
+             the next unclaimed one: see "placement" below): client_updates -> send
     rank 0:  fold the payloads in client-id order as the exchange hands them over
              [server phase: E epochs of server-only training; one control word per epoch tells the
               workers to wait, checkpoint with rank 0, or stop]  -> evaluate -> log
 
 With a single rank, rank 0 plays both parts. The exchange (in-process, one Gatherv, or streamed)
 is chosen per round from the payload sizes (``osfed_hpc.exchange``).
+
+Placement. Methods whose clients keep state across rounds (error-feedback residuals) update each
+client on the rank that holds its state: a fixed, size-balanced placement (``assign_clients``).
+For the others (``Algorithm.keeps_client_state = False``) a fixed split leaves the faster worker
+idle at the end of every round, so workers instead take the next unclaimed selected client as
+they finish (one MPI fetch-and-add on a counter held by rank 0). A client's result depends only
+on (W_t, its data, its (seed, round, client) stream), and rank 0 folds in client-id order, so
+either way the model is bit-identical whatever the rank count. ``OSFED_PLACEMENT=static`` forces
+the fixed split (for comparisons).
 """
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import signal
@@ -34,15 +45,16 @@ import yaml
 
 from . import checkpoint as ckpt
 from .algorithms import Algorithm, ClientContext, Environment, ReceivedMessage, ServerMessage, get_algorithm
+from .algorithms.local_training import PARTICIPATIONS
 from .algorithms.server_optimizer import ServerOptimizer
 from .algorithms.update_guard import UpdateGuard
 from .atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .client_state import ClientStateStore
-from .comm import World, assign_clients, owner_map
+from .comm import ClaimCounter, World, assign_clients, owner_map, tag_limit
 from .config import Config, ConfigError
 from .devices import configure_threads, describe, deterministic_numerics, make_deterministic, select_device
 from .errors import AgreedStop, RunError
-from .exchange import MODE_NAMES, Exchanges, choose_mode, pack_frame, unpack_frame
+from .exchange import CLIENT_TAG_BASE, GATHER, MODE_NAMES, Exchanges, choose_mode, pack_frame, unpack_frame
 from .flat import FlatModel
 from .metrics import (
     MetricsLog,
@@ -69,6 +81,9 @@ _RECORD_HEAD = ("client", "seconds", "peak_memory_bytes", "payload_bytes", "num_
 #: once a rank's work in a round has run this long, it prints a line per finished client (a long
 #: ImageNet round is never silent); a module constant so tests can lower it
 SLOW_ROUND_S = 60.0
+#: dealt clients need every client's data on every worker: for in-memory (raw) data only while the
+#: whole training split, as float32 on the device, stays below this (JPEG data is read on demand)
+DEALT_DATA_LIMIT_BYTES = 2**30
 
 
 @dataclass
@@ -201,9 +216,6 @@ class Runner:
         self.inputs = setup_inputs(config, world, run_dir, resume)
         self.num_clients = self.inputs.partition.num_clients
         self.sizes = np.asarray(self.inputs.partition.sizes, dtype=np.int64)
-        self.placement = assign_clients(self.sizes, world.worker_ranks)
-        self.owner = owner_map(self.placement)
-        self.my_clients = self.placement.get(world.rank, []) if world.is_worker else []
         self.algorithm_cls = get_algorithm(config.algorithm["name"])
         try:
             self.algorithm_cls.check_rounds(config.rounds)
@@ -212,7 +224,6 @@ class Runner:
         self.options = config.algorithm_options()
         self.stat_names = self.algorithm_cls.client_stat_names
         self.autocast = torch.bfloat16 if config.runtime.amp == "bf16" else None
-        self.exchanges = Exchanges(world, self.owner)
         self._message_buffer: np.ndarray | None = None  # the message frame, reused across rounds
         if world.is_server:
             self.server_model = self._new_model()
@@ -226,6 +237,18 @@ class Runner:
             self.worker_algorithm = self._new_algorithm(self.worker_model)
             self.replica: torch.Tensor | None = None  # the worker's W_t when the server sends no model
             self.store = ClientStateStore(self._state_dir(), resume=resume)
+        # a method batching a rank's clients gets whole blocks of that many ids per rank (same batches on any rank count)
+        algorithm = self.server_algorithm if world.is_server else self.worker_algorithm
+        self.client_batch = max(1, int(algorithm.client_batch_size()))
+        self.placement = assign_clients(self.sizes, world.worker_ranks, block=self.client_batch)
+        self.owner = owner_map(self.placement)
+        self.my_clients = self.placement.get(world.rank, []) if world.is_worker else []
+        self.placement_note = self._choose_placement()
+        self.claims = ClaimCounter(world) if self.placement_note == "dealt" else None
+        self.exchanges = Exchanges(world, None if self.claims is not None else self.owner)
+        self.round_hosts: dict[int, int] = {}  # client -> the rank that updated it, this round
+        self._participations: tuple[int, np.ndarray] = (0, np.zeros(self.num_clients, dtype=np.int64))
+        if world.is_worker:
             self.train_data = self._build_train_data()
         self.start_round = 1
         self.resume_phase: dict[str, Any] | None = None  # set by a checkpoint taken inside a server phase
@@ -276,7 +299,12 @@ class Runner:
     def _load_images(self, split: str, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         from .data import load_samples
 
-        return load_samples(self.inputs.reader, split, indices, self.device, self.inputs.resolution)
+        return load_samples(self.inputs.reader, split, indices, self.device, self.inputs.resolution,
+                            **self._decode_options())
+
+    def _decode_options(self) -> dict[str, Any]:
+        """``data.jpeg_draft`` / ``data.decode_device`` for every JPEG reader this rank builds."""
+        return {"draft": self.config.data.jpeg_draft, "decode_device": self.config.data.decode_device}
 
     def _split_sizes(self) -> dict[str, int]:
         from .data import DataError
@@ -295,24 +323,70 @@ class Runner:
         base = Path(self.config.runtime.state_dir or (self.run_dir / "client_state"))
         return base / f"rank-{self.world.rank:04d}"
 
+    def _choose_placement(self) -> str:
+        """Either "dealt" (workers take the next unclaimed client) or why the placement stays fixed.
+
+        Rank 0 decides and tells every rank: the counter's window is collective to create."""
+        world = self.world
+        if world.size < 3:
+            return "fixed: one worker"
+        note = ""
+        if world.is_server:
+            reader, (c, h, w) = self.inputs.reader, self.inputs.input_shape
+            raw_bytes = 4 * c * h * w * int(self.sizes.sum())
+            if os.environ.get("OSFED_PLACEMENT", "").strip().lower() == "static":
+                note = "fixed: OSFED_PLACEMENT=static"
+            elif self.algorithm_cls.keeps_client_state:
+                note = "fixed: the method keeps client state"
+            elif self.server_algorithm.client_batch_size() > 1:
+                note = "fixed: the method batches a rank's clients"
+            elif CLIENT_TAG_BASE + self.num_clients > tag_limit(world):
+                note = "fixed: more clients than MPI tags"
+            elif reader.encoding == "raw" and raw_bytes > DEALT_DATA_LIMIT_BYTES:
+                note = f"fixed: the training split ({raw_bytes / 2**30:.1f} GiB) would be on every worker"
+            else:
+                note = "dealt"
+        return world.bcast_text(note)
+
+    def _participations_before(self, round_: int) -> np.ndarray:
+        """How often each client was selected in rounds 1..round_-1: what ``local_training``'s
+        participation count in ``ctx.state`` holds, derived instead of stored when clients are dealt."""
+        done, counts = self._participations
+        if done > round_ - 1:
+            done, counts = 0, np.zeros(self.num_clients, dtype=np.int64)
+        counts = counts.copy()
+        for r in range(done + 1, round_):
+            counts[select_clients(self.config.seed, r, self.num_clients, self.config.server.sample_fraction)] += 1
+        self._participations = (round_ - 1, counts)
+        return counts
+
+    def _derived_state(self, client: int, round_: int) -> dict[str, np.ndarray]:
+        """A stateless method's ``ctx.state`` before ``round_``: its participation count, if any."""
+        count = int(self._participations_before(round_)[client])
+        return {PARTICIPATIONS: np.array([count], dtype=np.int64)} if count else {}
+
     def _build_train_data(self):
         from .data import build_train_data
 
         part = self.inputs.partition
-        union = np.unique(np.concatenate([part.client_indices(c) for c in self.my_clients] or [np.empty(0, np.int64)]))
-        data = build_train_data(self.inputs.reader, union, self.device, self.inputs.resolution, self.config.data.num_workers)
-        return {c: data.client(part.client_indices(c)) for c in self.my_clients}
+        hosted = range(self.num_clients) if self.claims is not None else self.my_clients
+        union = np.unique(np.concatenate([part.client_indices(c) for c in hosted] or [np.empty(0, np.int64)]))
+        data = build_train_data(self.inputs.reader, union, self.device, self.inputs.resolution,
+                                self.config.data.num_workers, **self._decode_options())
+        return {c: data.client(part.client_indices(c)) for c in hosted}
 
     def _build_eval_data(self):
         from .data import build_eval_data
 
         return build_eval_data(self.inputs.reader, self.device, self.inputs.resolution,
-                               self.config.eval.batch_size, self.config.data.num_workers)
+                               self.config.eval.batch_size, self.config.data.num_workers, **self._decode_options())
 
     def _say_hello(self) -> None:
         role = "server" if self.world.is_server and not self.world.is_worker else (
             "server+worker" if self.world.is_server else "worker")
         clients = f", clients {self.my_clients}" if self.world.is_worker else ""
+        if self.world.is_worker and self.claims is not None:
+            clients = ", clients: the next unclaimed one (dealt)"
         print(f"[rank {self.world.rank}/{self.world.size}] {role} on {socket.gethostname()}, "
               f"{describe(self.device)}, {self.threads} threads{clients}", flush=True)
 
@@ -343,21 +417,28 @@ class Runner:
         for round_ in range(self.start_round, self.config.rounds + 1):
             if self._broadcast_stop():
                 self._checkpoint(round_ - 1)
-                return "stopped"
+                return self._close("stopped")
             if self.resume_phase is not None:  # the round's uploads were folded before the stop
                 phase, self.resume_phase = self.resume_phase, None
                 finished = self._phase_then_log(round_, phase["epochs"], phase["epoch"] + 1, phase.get("record"))
             else:
                 finished = self._round(round_)
             if not finished:
-                return "stopped"  # the phase checkpointed itself
+                return self._close("stopped")  # the phase checkpointed itself
             every = self.config.runtime.checkpoint_every
             if every and round_ % every == 0 and round_ < self.config.rounds:
                 self._checkpoint(round_)
         self._checkpoint(self.config.rounds)
         if self.world.is_server:
             self._finish()
-        return "finished"
+        return self._close("finished")
+
+    def _close(self, outcome: str) -> str:
+        """Free the claim counter (collective: every rank ends the run at the same point)."""
+        if self.claims is not None:
+            self.claims.free()
+            self.claims = None
+        return outcome
 
     def _broadcast_stop(self) -> bool:
         """rank 0's stop flag, broadcast at every round boundary so all ranks stop together."""
@@ -377,7 +458,7 @@ class Runner:
         records = []
         if world.is_worker:
             with timer.phase("local_work"):
-                records = self._work(round_, selected, received, exchange)
+                records = self._work(round_, selected, received, exchange, mode)
         if world.is_server:
             with timer.phase("exchange_and_aggregation"):
                 outcome = self._aggregate(round_, selected, exchange, timer)
@@ -457,37 +538,83 @@ class Runner:
         return sum(message.downlink_bytes(client, algorithm.client_model_bytes(client, model_bytes)) for client in selected)
 
     # work --------------------------------------------------------------------------------------
-    def _work(self, round_: int, selected: list[int], message: ReceivedMessage, exchange) -> list[list[float]]:
-        """Run every selected client this rank hosts, in client-id order, each from the round's W_t."""
-        records = []
-        mine = [c for c in selected if self.owner[c] == self.world.rank]
+    def _work(self, round_: int, selected: list[int], message: ReceivedMessage, exchange, mode: int) -> list[list[float]]:
+        """Run this rank's clients of the round, each from the round's W_t: its own in client-id
+        order, ``client_batch_size()`` at a time, or (dealt) the next unclaimed one until none is left.
+
+        A client's seconds are the method's own (``ClientResult.seconds``) or its chunk's wall time
+        split evenly; its peak memory is its chunk's."""
+        records: list[list[float]] = []
         work_start = time.perf_counter()
-        for client in mine:
-            self.worker_model.load_(self.replica)
-            state = self.store.get(client)
+        for chunk, done_before, total in self._chunks(selected, mode):
+            contexts = [ClientContext(client_id=client, round=round_, data=self.train_data[client],
+                                      state=self._client_state(client, round_),
+                                      generator=torch_stream(self.config.seed, "client", round_, client),
+                                      seed=self.config.seed, message=message) for client in chunk]
             reset_peak_memory(self.device)
             start = time.perf_counter()
-            ctx = ClientContext(client_id=client, round=round_, data=self.train_data[client], state=state,
-                                generator=torch_stream(self.config.seed, "client", round_, client),
-                                seed=self.config.seed, message=message)
             try:
-                result = self.worker_algorithm.client_update(ctx)
+                results = self.worker_algorithm.client_updates(contexts, self._load_start)
             except Exception as exc:
-                raise RuntimeError(f"client {client} failed in round {round_} on rank {self.world.rank}: "
+                which = f"client {chunk[0]}" if len(chunk) == 1 else f"clients {chunk}"
+                raise RuntimeError(f"{which} failed in round {round_} on rank {self.world.rank}: "
                                    f"{type(exc).__name__}: {exc}") from exc
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            seconds = time.perf_counter() - start
-            self.store.put(client, state)
-            exchange.send(client, result.payload)
-            stats = [result.stats.get(name, float("nan")) for name in self.stat_names]
-            records.append([client, seconds, peak_memory_bytes(self.device), result.payload.packed_size(),
-                            self.train_data[client].num_samples, *stats])
-            if time.perf_counter() - work_start >= SLOW_ROUND_S:
-                print(client_done_line(self.world.rank, self.world.size, round_, client, seconds, len(records),
-                                       len(mine)), flush=True)
+            wall = time.perf_counter() - start
+            if len(results) != len(contexts):
+                raise RunError(f"{self.algorithm_cls.name}: client_updates returned {len(results)} results for "
+                               f"{len(contexts)} clients {chunk}")
+            memory = peak_memory_bytes(self.device)
+            for i, (ctx, result) in enumerate(zip(contexts, results)):
+                client = ctx.client_id
+                seconds = float(result.seconds) if result.seconds is not None else wall / len(chunk)
+                self._keep_state(client, ctx.state)
+                exchange.send(client, result.payload)
+                stats = [result.stats.get(name, float("nan")) for name in self.stat_names]
+                records.append([client, seconds, memory, result.payload.packed_size(),
+                                self.train_data[client].num_samples, *stats])
+                if time.perf_counter() - work_start >= SLOW_ROUND_S:
+                    print(client_done_line(self.world.rank, self.world.size, round_, client, seconds,
+                                           done_before + i + 1, total), flush=True)
         exchange.end_of_work()
         return records
+
+    def _load_start(self) -> None:
+        """W_t back into the worker's model (before each client; a method's batch calls it)."""
+        self.worker_model.load_(self.replica)
+
+    def _chunks(self, selected: list[int], mode: int):
+        """(clients, how many of ``total`` came before, total) for each call of ``client_updates``.
+
+        Fixed placement: this rank's selected clients in client-id order, ``client_batch_size()``
+        at a time (the progress count is this rank's). Dealt: one client per claim, until the claims
+        run past the round's clients (the count is the round's). Streamed payloads are dealt in
+        client-id order (rank 0 folds them in that order from whoever sends them); gathered ones
+        largest client first, so that no big client starts last."""
+        if self.claims is None:
+            mine = [c for c in selected if self.owner[c] == self.world.rank]
+            done = 0
+            for _, chunk in itertools.groupby(mine, key=lambda c: c // self.client_batch):  # never across blocks
+                chunk = list(chunk)
+                yield chunk, done, len(mine)
+                done += len(chunk)
+            return
+        order = sorted(selected, key=lambda c: (-int(self.sizes[c]), c)) if mode == GATHER else list(selected)
+        while (index := self.claims.claim()) < len(order):
+            yield [order[index]], index, len(order)
+        self.claims.end_round(len(order), len(self.world.worker_ranks))
+
+    def _client_state(self, client: int, round_: int) -> dict[str, np.ndarray]:
+        return self._derived_state(client, round_) if self.claims is not None else self.store.get(client)
+
+    def _keep_state(self, client: int, state: dict[str, np.ndarray]) -> None:
+        """Store a client's state (fixed placement), or check that a dealt method kept none."""
+        if self.claims is None:
+            self.store.put(client, state)
+        elif set(state) - {PARTICIPATIONS}:
+            raise RunError(f"{self.algorithm_cls.name} declares keeps_client_state = False, but client {client} "
+                           f"wrote ctx.state keys {sorted(set(state) - {PARTICIPATIONS})}: set it True")
 
     # fold --------------------------------------------------------------------------------------
     def _aggregate(self, round_: int, selected: list[int], exchange, timer: PhaseTimer) -> dict:
@@ -531,6 +658,9 @@ class Runner:
         if gathered is None:
             return None
         table = np.frombuffer(gathered[0].tobytes(), dtype=np.float64).reshape(-1, width)
+        rows_per_rank = np.asarray(gathered[1]) // (8 * width)
+        hosts = np.repeat(np.arange(len(rows_per_rank)), rows_per_rank)
+        self.round_hosts = {int(client): int(rank) for client, rank in zip(table[:, 0], hosts)}
         return table[np.argsort(table[:, 0], kind="stable")]
 
     # logging ---------------------------------------------------------------------------------
@@ -542,14 +672,28 @@ class Runner:
         correct = torch.zeros((), device=self.device)
         loss = torch.zeros((), device=self.device, dtype=torch.float64)
         count = 0
-        with torch.no_grad():
-            for x, y in self.eval_data.eval_batches(self.config.eval.batch_size):
-                logits = net(self.server_model.to_input_format(x))
-                loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
-                correct += (logits.argmax(1) == y).sum()
-                count += y.numel()
-        net.train(was_training)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self._eval_threads())
+        try:
+            with torch.no_grad():
+                for x, y in self.eval_data.eval_batches(self.config.eval.batch_size):
+                    logits = net(self.server_model.to_input_format(x))
+                    loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
+                    correct += (logits.argmax(1) == y).sum()
+                    count += y.numel()
+        finally:
+            torch.set_num_threads(threads)
+            net.train(was_training)
         return float(correct) / max(count, 1), float(loss) / max(count, 1)
+
+    def _eval_threads(self) -> int:
+        """Threads for rank 0's evaluation. With workers, rank 0 evaluates while every worker waits
+        for the next round (or server-phase epoch) in a sleeping poll, so it may use every core it
+        is allowed on, not just its share; alone (one rank) or on a GPU, its usual threads."""
+        if self.world.size == 1 or self.device.type != "cpu":
+            return self.threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(self.threads, cores)
 
     def _round_record(self, round_, selected, outcome, table, timer, round_start, mpi_before) -> dict[str, Any]:
         """The round's metrics line up to the fold (the server phase and the evaluation add to it)."""
@@ -566,8 +710,8 @@ class Runner:
             record["train_loss"] = float(np.average(loss[ok], weights=weights[ok]))
         per_rank = {}
         for row in table:
-            per_rank.setdefault(self.owner[int(row[0])], 0.0)
-            per_rank[self.owner[int(row[0])]] += row[1]
+            host = self.round_hosts.get(int(row[0]), self.owner[int(row[0])])
+            per_rank[host] = per_rank.get(host, 0.0) + row[1]
         local = max(per_rank.values(), default=0.0)
         seconds = dict(timer.seconds)
         exchange_agg = seconds.pop("exchange_and_aggregation", 0.0)
@@ -690,7 +834,7 @@ class Runner:
         """Every rank: a checkpoint between two epochs of round ``round_``'s server phase."""
         epoch = self.world.bcast_buffer(np.array([state["epoch"] if state else 0], dtype=np.int64))[0]
         self._write_checkpoint(ckpt.phase_checkpoint_dir(self.run_dir, round_ - 1, int(epoch)), round_ - 1,
-                               {"phase": state} if state else {})
+                               {"phase": state} if state else {}, clients_through=round_)
 
     # checkpoint / resume ---------------------------------------------------------------------
     def _checkpoint(self, round_done: int) -> None:
@@ -700,14 +844,22 @@ class Runner:
             return
         self._write_checkpoint(ckpt.checkpoint_dir(self.run_dir, round_done), round_done, {})
 
-    def _write_checkpoint(self, directory: Path, round_done: int, extra: dict[str, Any]) -> None:
-        """Every rank: client states by their hosts, then rank 0's server part and manifest."""
+    def _write_checkpoint(self, directory: Path, round_done: int, extra: dict[str, Any],
+                          clients_through: int | None = None) -> None:
+        """Every rank: client states by their hosts, then rank 0's server part and manifest.
+        ``clients_through``: the last round whose client updates the states include (default
+        ``round_done``; a checkpoint inside round r's server phase holds round r's)."""
+        clients_through = round_done if clients_through is None else clients_through
         if self.world.is_server:
             ckpt.begin_checkpoint(directory)
         self.world.barrier()
         records = {}
         if self.world.is_worker:  # each writer hashes what it writes: rank 0 never reads client files back
-            records = ckpt.write_client_states(directory, {c: self.store.get(c) for c in self.my_clients})
+            if self.claims is not None:  # dealt: the states a fixed placement would hold (same files)
+                states = {c: self._derived_state(c, clients_through + 1) for c in self.my_clients}
+            else:
+                states = {c: self.store.get(c) for c in self.my_clients}
+            records = ckpt.write_client_states(directory, states)
         gathered = self.world.gatherv_bytes(ckpt.encode_file_records(records))  # also: every rank has written
         if self.world.is_server:
             ckpt.write_server_part(

@@ -3,9 +3,9 @@
 Shared by OS-Fed and 3SFC (OS-Fed with ``factor = 1``). The client *encodes* an update tau by
 searching for a snapshot S and labels Y such that the gradient of the cross-entropy of the model
 at W_t on the decoded batch ``F(S)`` points along tau (``synthesize``); the server *decodes* by
-computing that same gradient at the same W_t (``synthetic_gradient``). The error-feedback residual
-assumes the two gradients are identical, so both sides call the very same function under the same
-numerical settings (``exact_numerics``).
+computing that same gradient at the same W_t (``synthetic_gradient``); the search itself lives in
+``osfed_hpc.snapshot_search``. The error-feedback residual assumes the two gradients are identical,
+so both sides call the very same function under the same numerical settings (``exact_numerics``).
 
 ``F`` is the multi-grid function: it splits each snapshot into cells and resizes every cell back
 to full resolution, so one H x W image yields several training samples ("decouples conflicting
@@ -17,9 +17,7 @@ optimise its weights together with (S, Y) (``learnable``).
 from __future__ import annotations
 
 import contextlib
-import math
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -71,17 +69,21 @@ def multigrid_uniform(snapshots: torch.Tensor, factor: int) -> torch.Tensor:
 def default_multiscale_leaves(grid: int) -> tuple[Leaf, ...]:
     """The default quadtree on a ``grid`` x ``grid`` lattice of unit cells (``grid % 4 == 0``).
 
-    Top-left and bottom-right quadrants are split 2 x 2, top-right and bottom-left go down to
-    single unit cells. At 224 px with grid 8 that is 4+16+16+4 = 40 samples: eight 56-px cells
-    (4x upsampling) and thirty-two 28-px cells (8x), the mix described in OS-Fed D.1 (with grid 4
-    it degenerates to the uniform 4 x 4 grid). Order: quadrants TL, TR, BL, BR; row-major inside
-    each quadrant.
+    OS-Fed D.1: "a 2x2 grid can have some cells further subdivided, creating a mix of cells that
+    require different upsampling factors". The top-right and bottom-left quadrants go down to single
+    unit cells; the top-left and bottom-right ones are split 2 x 2 when that still leaves cells
+    coarser than a unit cell (grid >= 8), and stay whole otherwise. At 224 px with grid 8 that is
+    4+16+16+4 = 40 samples: eight 56-px cells (4x upsampling) and thirty-two 28-px cells (8x), the mix
+    described in D.1; at 28 px with grid 4 it is 1+4+4+1 = 10 samples: two 14-px cells (2x) and
+    eight 7-px cells (4x), so the layout stays a genuine mix at small resolutions. Order: quadrants
+    TL, TR, BL, BR; row-major inside each quadrant.
     """
     if grid < 4 or grid % 4:
         raise ValueError(f"the default multi-scale layout needs a factor divisible by 4, got {grid}")
     half = grid // 2
+    coarse = half // 2 if half // 2 > 1 else half
     leaves: list[Leaf] = []
-    for qr, qc, size in ((0, 0, half // 2), (0, half, 1), (half, 0, 1), (half, half, half // 2)):
+    for qr, qc, size in ((0, 0, coarse), (0, half, 1), (half, 0, 1), (half, half, coarse)):
         for r in range(qr, qr + half, size):
             for c in range(qc, qc + half, size):
                 leaves.append((r, c, size))
@@ -263,173 +265,3 @@ def exact_numerics(net: nn.Module) -> Iterator[None]:
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """<a, b> / (|a| |b| + 1e-12), the 3SFC cosine."""
     return torch.dot(a, b) / (a.norm() * b.norm() + COS_EPS)
-
-
-# --------------------------------------------------------------------------------------------
-# synthesis
-
-
-@dataclass
-class SynthesisConfig:
-    """Optimizer for (S, Y). LBFGS defaults are 3SFC's (lr 1, 20 inner iterations, history 100,
-    10 outer steps); Adam is the cheaper choice for large models and resolutions."""
-
-    optimizer: str = "lbfgs"
-    lbfgs_lr: float = 1.0
-    lbfgs_max_iter: int = 20
-    lbfgs_history: int = 100
-    outer_steps: int = 10
-    adam_lr: float = 0.1
-    adam_steps: int = 100
-    #: True: the server applies one least-squares scale per parameter tensor, so the objective is
-    #: the energy of the target each tensor's direction can explain (see ``synthesize``)
-    per_tensor_scales: bool = False
-
-
-class _Best:
-    """The best finite iterate seen so far, by loss (LBFGS can wander off to NaN), including the
-    values of any extra learnable tensors (written back into them by ``restore_extras``)."""
-
-    def __init__(self, extras: Sequence[torch.Tensor] = ()) -> None:
-        self.loss = math.inf
-        self.snapshots: torch.Tensor | None = None
-        self.labels: torch.Tensor | None = None
-        self.extras = list(extras)
-        self.extra_values: list[torch.Tensor] | None = None
-
-    def offer(self, loss: float, snapshots: torch.Tensor, labels: torch.Tensor) -> None:
-        if math.isfinite(loss) and loss < self.loss:
-            self.loss = loss
-            self.snapshots = snapshots.detach().clone()
-            self.labels = labels.detach().clone()
-            self.extra_values = [t.detach().clone() for t in self.extras]
-
-    def restore_extras(self) -> None:
-        if self.extra_values is not None:
-            with torch.no_grad():
-                for tensor, value in zip(self.extras, self.extra_values):
-                    tensor.copy_(value)
-
-
-def synthesize(
-    model: FlatModel,
-    target: torch.Tensor,
-    input_shape: tuple[int, int, int],
-    num_snapshots: int,
-    grid: int | Grid,
-    num_classes: int,
-    config: SynthesisConfig,
-    generator: torch.Generator,
-    learnable: Sequence[torch.Tensor] = (),
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Find (S, Y) minimising ``1 - |cos(g(S, Y), target)|`` at the model's current weights
-    (with ``config.per_tensor_scales``: ``1 - cos(s * g, target)`` for the best scale per tensor).
-
-    ``learnable``: further leaf tensors (``requires_grad``) the objective depends on through
-    ``grid``, e.g. the weights of an FSRCNN upsampler, optimised jointly with (S, Y) by the same
-    optimizer; on return they hold their values at the best iterate (changed in place).
-
-    S is [M, C, H, W], Y is [M * samples_per_snapshot, K], both drawn from N(0, 1) with
-    ``generator``. The outer gradient is taken w.r.t. (S, Y) only (``autograd.grad``), not
-    ``.backward()``: that skips the second-order gradients into every model parameter, which
-    the reference code computes and throws away. Returns the best finite iterate (the initial
-    point counts) and ``info``: ``cos`` and ``cos_init`` (|cos| at the best and initial point),
-    ``iterations`` (objective evaluations with a double backward) and ``seconds``.
-    """
-    if target.numel() != model.param_numel:
-        raise ValueError(f"synthesis target has {target.numel()} values, the model has {model.param_numel} parameters")
-    grid = as_grid(grid)
-    device = model.vector.device
-    started = time.perf_counter()
-    shape = (num_snapshots, *input_shape)
-    labels_shape = (num_snapshots * grid.samples_per_snapshot, num_classes)
-    snapshots = torch.randn(shape, generator=generator, device=generator.device).to(device).requires_grad_()
-    labels = torch.randn(labels_shape, generator=generator, device=generator.device).to(device).requires_grad_()
-    target = target.detach().to(device, torch.float32)
-    pieces = target.split(model.param_sizes)
-    target_norm = target.norm()
-
-    def objective(s: torch.Tensor, y: torch.Tensor, create_graph: bool) -> torch.Tensor:
-        # per-tensor dot products: concatenating g (and splitting its gradient) costs ~10% at ResNet scale
-        grads = model.flatten(parameter_gradients(model, s, y, grid, create_graph))
-        dots = torch.stack([torch.dot(g, t) for g, t in zip(grads, pieces)])
-        squares = torch.stack([torch.dot(g, g) for g in grads])
-        if config.per_tensor_scales:
-            # with a least-squares scale per tensor, |tau - s*g|^2 = |tau|^2 - sum_l <g_l,tau_l>^2/|g_l|^2:
-            # 1 - sqrt(explained fraction) is the cosine loss of the decoded update s*g
-            explained = (dots.square() / (squares + COS_EPS)).sum() / (target_norm.square() + COS_EPS)
-            return 1.0 - explained.clamp_min(1e-30).sqrt()
-        return 1.0 - (dots.sum() / (squares.sum().sqrt() * target_norm + COS_EPS)).abs()
-
-    def evaluate() -> float:
-        return float(objective(snapshots.detach(), labels.detach(), False))
-
-    extras = list(learnable)
-    best = _Best(extras)
-    iterations = 0
-    with exact_numerics(model.model):
-        initial = evaluate()
-        best.offer(initial, snapshots, labels)
-        if math.isfinite(initial):  # else (e.g. a NaN target) every point is NaN: return the initial one
-            run = _run_lbfgs if config.optimizer == "lbfgs" else _run_adam
-            iterations = run(objective, evaluate, snapshots, labels, config, best, extras)
-    if best.snapshots is None:
-        best.snapshots, best.labels = snapshots.detach(), labels.detach()
-    best.restore_extras()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    info = {
-        "cos": 1.0 - best.loss if math.isfinite(best.loss) else float("nan"),
-        "cos_init": 1.0 - initial,
-        "iterations": float(iterations),
-        "seconds": time.perf_counter() - started,
-    }
-    return best.snapshots, best.labels, info
-
-
-def _set_grads(loss: torch.Tensor, snapshots: torch.Tensor, labels: torch.Tensor, extras: Sequence[torch.Tensor] = ()) -> None:
-    tensors = [snapshots, labels, *extras]
-    for tensor, grad in zip(tensors, torch.autograd.grad(loss, tensors, materialize_grads=True)):
-        tensor.grad = grad
-
-
-def _run_lbfgs(objective, evaluate, snapshots, labels, config: SynthesisConfig, best: _Best,
-               extras: Sequence[torch.Tensor] = ()) -> int:
-    """3SFC's loop: ``outer_steps`` LBFGS steps, re-evaluate after each, keep the best finite point."""
-    optimizer = torch.optim.LBFGS(
-        [snapshots, labels, *extras], lr=config.lbfgs_lr, max_iter=config.lbfgs_max_iter,
-        history_size=config.lbfgs_history,
-    )
-    evaluations = 0
-
-    def closure() -> torch.Tensor:
-        nonlocal evaluations
-        evaluations += 1
-        loss = objective(snapshots, labels, True)
-        _set_grads(loss, snapshots, labels, extras)
-        return loss.detach()
-
-    for _ in range(config.outer_steps):
-        optimizer.step(closure)
-        loss = evaluate()
-        if not math.isfinite(loss):  # a NaN point only ever leads to more NaN
-            break
-        best.offer(loss, snapshots, labels)
-    return evaluations
-
-
-def _run_adam(objective, evaluate, snapshots, labels, config: SynthesisConfig, best: _Best,
-              extras: Sequence[torch.Tensor] = ()) -> int:
-    """Adam on (S, Y) (and ``extras``); each step's loss is that of the point before the step, so it is offered first."""
-    optimizer = torch.optim.Adam([snapshots, labels, *extras], lr=config.adam_lr)
-    for step in range(config.adam_steps):
-        loss = objective(snapshots, labels, True)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            return step + 1
-        if step:
-            best.offer(value, snapshots, labels)
-        _set_grads(loss, snapshots, labels, extras)
-        optimizer.step()
-    best.offer(evaluate(), snapshots, labels)
-    return config.adam_steps

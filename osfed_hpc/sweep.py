@@ -21,6 +21,23 @@ Keys are dotted paths and a value replaces the node it names, as ``key=value`` d
 ``osfed-hpc run`` command line (so ``algorithm: {...}`` swaps the whole algorithm section: an
 algorithm's options belong to its name and must not leak into another's).
 
+A union of small studies (the OS-Fed ablations: Fig. 10, Tables 8 and 9, ...) is one labelled axis
+whose labels are the distinct settings, crossed with a seed axis, rather than a new "studies" format:
+a setting that several studies share (the paper's default) then runs once, and ``osfed-hpc report``
+places each run in every table it belongs to from its config, so no row has to say which study it
+serves. See ``configs/sweeps/osfed_ablations.yaml``.
+
+An optional ``quick`` section names a subset for CI and smoke tests (``osfed-hpc sweep --quick``)::
+
+    quick:
+      set: {rounds: 1, algorithm.outer_steps: 1}   # applied after ``set``, before the axes
+      axes: {seed: [s0], setting: [f4-m1, sfc3]}   # labels kept per axis (others: all kept)
+
+The quick subset is named ``<name>-quick`` and written to ``<out>-quick`` (unless ``--out`` is
+given), so its finished 1-round rows are never mistaken for rows of the full sweep. Its ``set``
+goes under the axes because an axis value such as ``algorithm: {name: fedavg}`` must still replace
+the whole section (a quick ``algorithm.outer_steps`` must not leak into FedAvg).
+
 Why rows are written out as full configs instead of being recomputed by each array task: the job
 reads exactly the file that was validated before submission, the sweep folder documents what ran,
 and a changed sweep file cannot silently change half of a running array (checkpoints would refuse it).
@@ -59,7 +76,8 @@ import yaml
 from .config import ConfigError, config_from_dict, load_config, read_yaml_mapping
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
-_SWEEP_KEYS = {"base", "name", "out", "set", "axes"}
+_SWEEP_KEYS = {"base", "name", "out", "set", "axes", "quick"}
+_QUICK_KEYS = {"set", "axes"}
 _AXIS_KEYS = {"name", "key", "values", "prefix"}
 MAX_ROWS = 10_000  # rows per sweep; SLURM's MaxArraySize is usually 1001-40000
 
@@ -165,13 +183,16 @@ def _raw_axis_length(raw: Any, position: int) -> tuple[str, int]:
     return str(raw.get("name", f"axes[{position}]")), len(values) if isinstance(values, (list, dict)) else 1
 
 
-def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
-    """Parse and check a sweep file (rows are validated later, by :func:`expand`)."""
+def load_sweep(path: str | Path, out: str | Path | None = None, quick: bool = False) -> Sweep:
+    """Parse and check a sweep file (rows are validated later, by :func:`expand`); ``quick``: its
+    ``quick`` subset instead of the full sweep (see the module docstring)."""
     path = Path(path)
     raw = read_yaml_mapping(path, "sweep file")
     unknown = set(raw) - _SWEEP_KEYS
     if unknown:
         raise ConfigError(f"sweep {path}: unknown keys {sorted(unknown)}; valid: {sorted(_SWEEP_KEYS)}")
+    if quick:
+        raw = _apply_quick(raw, path)
     name = _check_name(str(raw.get("name", path.stem)), f"sweep {path}: name")
     base = (path.parent / raw["base"]).resolve() if raw.get("base") else None
     if base is not None and not base.is_file():
@@ -188,6 +209,48 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
         raise ConfigError(f"sweep {path}: axis names repeat")
     folder = Path(out) if out is not None else Path(raw.get("out") or Path("runs") / "sweeps" / name)
     return Sweep(name, base, folder.resolve(), dict(common), axes, path)
+
+
+def _apply_quick(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The sweep file's mapping with its ``quick`` subset applied: axes filtered, ``set`` extended,
+    ``name`` and ``out`` suffixed with ``-quick``."""
+    quick = raw.get("quick")
+    if quick is None:
+        raise ConfigError(f"sweep {path}: --quick needs a 'quick' section in the sweep file (it has none)")
+    if not isinstance(quick, dict):
+        raise ConfigError(f"sweep {path}: 'quick' must be a mapping with 'set' and/or 'axes'")
+    unknown = set(quick) - _QUICK_KEYS
+    if unknown:
+        raise ConfigError(f"sweep {path}: quick: unknown keys {sorted(unknown)}; valid: {sorted(_QUICK_KEYS)}")
+    extra, keep = quick.get("set") or {}, quick.get("axes") or {}
+    if not isinstance(extra, dict) or not isinstance(keep, dict):
+        raise ConfigError(f"sweep {path}: quick.set must map dotted keys to values, quick.axes axis names to labels")
+    common = raw.get("set") or {}
+    if not isinstance(common, dict):
+        raise ConfigError(f"sweep {path}: 'set' must map dotted keys to values")
+    axes = []
+    for position, axis in enumerate(raw.get("axes") or []):
+        name = axis.get("name") if isinstance(axis, dict) else None
+        if name not in keep:
+            axes.append(axis)
+            continue
+        parsed = _parse_axis(axis, position, path)
+        prefix = str(axis.get("prefix", ""))
+        wanted = keep[name] if isinstance(keep[name], list) else [keep[name]]
+        # a label as printed (s0) or, on a prefixed axis, its value (0)
+        wanted = [_label(w) if _label(w) in parsed.labels else prefix + _label(w) for w in wanted]
+        missing = [w for w in wanted if w not in parsed.labels]
+        if missing or not wanted:
+            raise ConfigError(f"sweep {path}: quick.axes.{name}: labels {missing or wanted} are not labels of "
+                              f"axis {name!r} ({parsed.labels})")
+        values = {label: parsed.overrides[parsed.labels.index(label)] for label in wanted}
+        axes.append({"name": parsed.name, "values": values})  # labels already carry the prefix
+    stray = set(keep) - {a.get("name") for a in raw.get("axes") or [] if isinstance(a, dict)}
+    if stray:
+        raise ConfigError(f"sweep {path}: quick.axes names no axis {sorted(stray)}")
+    name = str(raw.get("name", path.stem))
+    out = raw.get("out") or Path("runs") / "sweeps" / name
+    return {**raw, "name": f"{name}-quick", "out": f"{out}-quick", "set": {**common, **extra}, "axes": axes}
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

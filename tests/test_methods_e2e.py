@@ -94,3 +94,24 @@ def test_one_shot_same_model_on_1_and_3_ranks_and_resume_inside_the_server_phase
     assert a["model_sha256"] == b["model_sha256"]
     assert (a["uplink_bytes"], a["downlink_bytes"]) == (b["uplink_bytes"], b["downlink_bytes"])
     assert a["rounds"] == 1 and a["server_phase_seconds"] > 0 and a["final_accuracy"] > 0
+
+
+def test_batched_osfed_search_same_model_on_1_and_3_ranks_and_resume_on_2(digits_dir, tmp_path):
+    """``synthesis_batch: 2``: clients sit in blocks of two ids on every rank count, so every batch (and
+    its rounding) is the same on 3 ranks, on 1 and after a resume on 2; with the early stop and the
+    label guard on, so their bookkeeping is covered too."""
+    options = ["algorithm.synthesis_batch=2", "algorithm.stop_tolerance=0.01", "algorithm.label_guard=2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    first = osfed("run", *small_run_overrides(digits_dir, full, "osfed", rounds=3), *options, np=3, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert osfed("run", *small_run_overrides(digits_dir, part, "osfed", rounds=2), *options, np=1,
+                 timeout=300).returncode == 0
+    second = osfed("run", "--resume", str(part), "rounds=3", np=2, timeout=300)
+    assert second.returncode == 0, second.stderr
+    a, b = summary(full), summary(part)
+    assert a["model_sha256"] == b["model_sha256"] and a["rejected_payloads"] == 0
+    # the batched path ran: the hosts of each round hold whole blocks {0,1}, {2,3}, {4,5}
+    hello = [line for line in first.stdout.splitlines() if "worker on" in line]
+    for line in hello:
+        hosted = [int(c) for c in line.split("clients [")[1].split("]")[0].split(",")]
+        assert all((c ^ 1) in hosted for c in hosted), line

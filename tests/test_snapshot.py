@@ -15,16 +15,15 @@ from osfed_hpc.flat import FlatModel
 from osfed_hpc.models import build_model
 from osfed_hpc.snapshot import (
     MultiGrid,
-    SynthesisConfig,
     check_leaves,
     default_multiscale_leaves,
     exact_numerics,
     multigrid_multiscale,
     multigrid_uniform,
-    synthesize,
     synthetic_gradient,
 )
 from osfed_hpc.snapshot_coding import decode_snapshots, dequantize, encode_snapshots
+from osfed_hpc.snapshot_search import SynthesisConfig, synthesize
 
 
 def _cell_snapshots(m: int, c: int, size: int, factor: int) -> torch.Tensor:
@@ -90,6 +89,11 @@ def test_default_multiscale_layout():
     assert len(leaves) == 40
     check_leaves(leaves, 8)
     assert sorted({size for _, _, size in leaves}) == [1, 2]
+    # at grid 4 (28-32 px snapshots) the layout must still mix two cell sizes, not fall back to uniform 4x4
+    small = default_multiscale_leaves(4)
+    check_leaves(small, 4)
+    assert small == ((0, 0, 2), (0, 2, 1), (0, 3, 1), (1, 2, 1), (1, 3, 1),
+                     (2, 0, 1), (2, 1, 1), (3, 0, 1), (3, 1, 1), (2, 2, 2))
     with pytest.raises(ValueError, match="divisible by 4"):
         default_multiscale_leaves(6)
 
@@ -339,4 +343,5 @@ def test_vit_synthesis_runs_on_the_math_attention_backend():
     target = torch.randn(model.param_numel, generator=torch.Generator().manual_seed(0))
     s, y, info = synthesize(model, target, (3, 16, 16), 1, 2, 5, SynthesisConfig(outer_steps=1, lbfgs_max_iter=3),
                             torch.Generator().manual_seed(0))
-    assert info["iterations"] == 3 and torch.isfinite(s).all() and info["cos"] >= info["cos_init"]
+    # 3 evaluations in the step + the re-evaluation after it
+    assert info["iterations"] == 4 and torch.isfinite(s).all() and info["cos"] >= info["cos_init"]

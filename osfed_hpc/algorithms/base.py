@@ -99,6 +99,9 @@ class ClientResult:
 
     payload: Payload
     stats: dict[str, float]
+    #: wall seconds this client cost, when the method knows better than the runner's clock (a batch of
+    #: clients sharing one synthesis reports each client's own training plus its share of the batch)
+    seconds: float | None = None
 
 
 @dataclass
@@ -152,6 +155,13 @@ class Algorithm:
     #: and the server phase's epochs are the method's server epochs
     one_shot: ClassVar[bool] = False
 
+    #: True (default): ``ctx.state`` carries something across rounds, so a client is always updated on
+    #: the rank that hosts its state (static placement). False: ``ctx.state`` holds at most the
+    #: participation count of ``local_training`` (which the runner derives from the selection history),
+    #: so any worker may take any client and the runner deals clients to whichever worker is free
+    #: (it raises if such a method writes any other key). Set False only when that provably holds.
+    keeps_client_state: ClassVar[bool] = True
+
     #: keys of ``ClientResult.stats``, in a fixed order so stats cross MPI as float64 records
     client_stat_names: ClassVar[tuple[str, ...]] = ("train_loss", "local_steps")
 
@@ -200,6 +210,28 @@ class Algorithm:
     # worker side -------------------------------------------------------------------------------
     def client_update(self, ctx: ClientContext) -> ClientResult:
         raise NotImplementedError
+
+    def client_batch_size(self) -> int:
+        """How many of a worker's selected clients ``client_updates`` may take in one call.
+
+        1 (default): one at a time. A method whose clients share expensive work at W_t (OS-Fed's
+        snapshot synthesis runs batched over clients) returns more; the runner then hands over up to
+        that many of a rank's clients, in client-id order.
+        """
+        return 1
+
+    def client_updates(self, contexts: list[ClientContext], load_start: Callable[[], None]) -> list[ClientResult]:
+        """Update several clients of this rank at once (at most ``client_batch_size``), results in order.
+
+        ``load_start()`` puts W_t (this round's start) back into ``env.model``; the default runs
+        ``client_update`` once per client, each from W_t. The runner stores each context's
+        ``state`` and sends each payload after the call returns.
+        """
+        results = []
+        for ctx in contexts:
+            load_start()
+            results.append(self.client_update(ctx))
+        return results
 
     # server side -------------------------------------------------------------------------------
     def server_begin(self, round: int) -> None:

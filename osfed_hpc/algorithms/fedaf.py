@@ -237,6 +237,7 @@ class Resampler:
 # the method --------------------------------------------------------------------------------------
 class FedAF(Algorithm):
     name = "fedaf"
+    keeps_client_state = False  # ctx.state: never read or written (any worker may take any client)
     client_stat_names = ("train_loss", "dm_loss_first", "dm_loss_last", "cdc_loss_last", "classes_present")
 
     @dataclass

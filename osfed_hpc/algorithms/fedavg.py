@@ -18,6 +18,7 @@ from .options import require_choice
 
 class FedAvg(Algorithm):
     name = "fedavg"
+    keeps_client_state = False  # ctx.state: only local_update's participation count (any worker may take any client)
 
     @dataclass
     class Options:

@@ -80,6 +80,7 @@ _LOGIT_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 class FedDF(Algorithm):
     name = "feddf"
+    keeps_client_state = False  # ctx.state: only local_update's participation count (any worker may take any client)
 
     @dataclass
     class Options:

@@ -20,6 +20,11 @@ def require_positive(key: str, value: Any) -> None:
         raise ValueError(f"algorithm.{key} must be a positive number, got {value!r}")
 
 
+def require_nonnegative(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"algorithm.{key} must be a number >= 0, got {value!r}")
+
+
 def require_fraction(key: str, value: Any, *, open_low: bool = True, closed_high: bool = True) -> None:
     """A number in (0, 1] (or [0, 1) / [0, 1] by the flags)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -30,22 +30,14 @@ import torch
 from ..models import has_batchnorm
 from ..multigrid_fsrcnn import FSRCNNShape, grid_from_vector, shared_init, train_server_fsrcnn
 from ..payload import Payload, require, require_meta
-from ..snapshot import (
-    Grid,
-    MultiGrid,
-    SynthesisConfig,
-    cosine,
-    default_multiscale_leaves,
-    exact_numerics,
-    synthesize,
-    synthetic_gradient,
-)
+from ..snapshot import Grid, MultiGrid, cosine, default_multiscale_leaves, exact_numerics, synthetic_gradient
 from ..snapshot_coding import CODECS, array_spec, decode_snapshots, encode_snapshots
 from ..snapshot_pictures import RoundPictures
+from ..snapshot_search import SynthesisConfig, synthesize, synthesize_batch
 from .base import Algorithm, ClientContext, ClientResult, ReceivedMessage, ServerMessage, client_weight
 from .error_feedback import ErrorFeedback
 from .local_training import local_update, with_local_steps
-from .options import is_int, require_bool, require_choice, require_int, require_positive
+from .options import is_int, require_bool, require_choice, require_int, require_nonnegative, require_positive
 
 #: encode and decode run in eval mode (no dropout; BatchNorm models are refused outright)
 MODE = "eval"
@@ -93,7 +85,8 @@ class OSFed(Algorithm):
     name = "osfed"
     client_stat_names = (
         "train_loss", "local_steps", "cos", "cos_init", "tau_norm", "residual_norm",
-        "synth_seconds", "synth_iters", "scale",
+        "synth_seconds", "synth_iters", "synth_outer_steps", "synth_stopped_early", "label_rescales", "label_rms",
+        "scale",
     )
 
     @dataclass
@@ -117,6 +110,16 @@ class OSFed(Algorithm):
         outer_steps: int = 10
         adam_lr: float = 0.1
         adam_steps: int = 100
+        #: LBFGS: a client stops after an outer step that raised its best |cos| by less than this
+        #: (ours; 0 = never, the paper's fixed 10 x 20 iterations)
+        stop_tolerance: float = 0.0
+        #: LBFGS: rescale Y back to its initial RMS (and restart the LBFGS memory) when its RMS grows
+        #: past this multiple of it (ours; 0 = never). The objective does not depend on |Y|
+        label_guard: float = 0.0
+        #: clients of one worker whose syntheses run as one batched computation (ours; 1 = one at a
+        #: time). The runner places clients in blocks of this many consecutive ids so a batch is the
+        #: same whatever the rank count; not with fsrcnn_mode=client (each client learns its own FSRCNN)
+        synthesis_batch: int = 1
         #: "none" (float32 snapshot), "png" (8-bit, lossless on the codes) or "jpeg" (8-bit, lossy)
         codec: str = "none"
         jpeg_quality: int = 90
@@ -173,6 +176,12 @@ class OSFed(Algorithm):
             require_int("outer_steps", self.outer_steps, 1)
             require_positive("adam_lr", self.adam_lr)
             require_int("adam_steps", self.adam_steps, 1)
+            require_nonnegative("stop_tolerance", self.stop_tolerance)
+            require_nonnegative("label_guard", self.label_guard)
+            if self.label_guard and self.label_guard < 1:
+                raise ValueError(f"algorithm.label_guard must be 0 (off) or >= 1 (a multiple of the initial "
+                                 f"label RMS), got {self.label_guard!r}")
+            require_int("synthesis_batch", self.synthesis_batch, 1)
             require_choice("codec", self.codec, ("none", *CODECS))
             require_int("jpeg_quality", self.jpeg_quality, 1, 100)
             require_bool("error_feedback", self.error_feedback)
@@ -217,6 +226,7 @@ class OSFed(Algorithm):
                 optimizer=self.optimizer, lbfgs_lr=self.lbfgs_lr, lbfgs_max_iter=self.lbfgs_max_iter,
                 lbfgs_history=self.lbfgs_history, outer_steps=self.outer_steps, adam_lr=self.adam_lr,
                 adam_steps=self.adam_steps, per_tensor_scales=self.scales == "tensor",
+                stop_tolerance=self.stop_tolerance, label_guard=self.label_guard,
             )
 
     @classmethod
@@ -415,29 +425,78 @@ class OSFed(Algorithm):
 
     # worker side -------------------------------------------------------------------------------
     def client_update(self, ctx: ClientContext) -> ClientResult:
+        return self.client_updates([ctx], lambda: None)[0]
+
+    def client_batch_size(self) -> int:
+        return 1 if self.fsrcnn_mode == "client" else self.options.synthesis_batch
+
+    def client_updates(self, contexts: list[ClientContext], load_start) -> list[ClientResult]:
+        """Local training of each client from W_t, then one synthesis for all of them at W_t.
+
+        Each client's generator is drawn from in the same order as one at a time (its local
+        training, then its synthesis start), so a batch changes only the rounding of the search.
+        """
         model = self.env.model
-        local = local_update(self.env, ctx, with_local_steps(self.env.train, self.options.segment_steps))
-        target = self.error_feedback.target(ctx.state, local.update[: model.param_numel])
-        model.load_(local.start)
-        encoding = self.compress(target, ctx)
-        self.error_feedback.keep(ctx.state, encoding.residual)
-        return ClientResult(encoding.payload, {**local.stats, **encoding.stats})
+        train = with_local_steps(self.env.train, self.options.segment_steps)
+        locals_, targets, seconds = [], [], []
+        for ctx in contexts:
+            load_start()
+            started = time.perf_counter()
+            local = local_update(self.env, ctx, train)
+            targets.append(self.error_feedback.target(ctx.state, local.update[: model.param_numel]))
+            locals_.append(local)
+            seconds.append(time.perf_counter() - started)
+        model.load_(locals_[0].start)
+        started = time.perf_counter()
+        encodings = self.compress_many(targets, contexts)
+        share = (time.perf_counter() - started) / len(contexts)
+        results = []
+        for ctx, local, encoding, own in zip(contexts, locals_, encodings, seconds):
+            self.error_feedback.keep(ctx.state, encoding.residual)
+            results.append(ClientResult(encoding.payload, {**local.stats, **encoding.stats}, seconds=own + share))
+        return results
 
     def compress(self, target: torch.Tensor, ctx: ClientContext) -> ClientEncoding:
-        """Encode ``target`` (flat, parameters only) at the model's current weights W_t.
+        """Encode ``target`` (flat, parameters only) at the model's current weights W_t."""
+        return self.compress_many([target], [ctx])[0]
+
+    def compress_many(self, targets: list[torch.Tensor], contexts: list[ClientContext]) -> list[ClientEncoding]:
+        """Encode each client's target at W_t; the searches of all finite targets run as one batch.
 
         The scale and residual are computed from the *decoded* wire arrays, so quantisation error
         stays in the residual instead of being silently counted as sent.
         """
+        encodings: list[ClientEncoding | None] = [None] * len(targets)
+        searched = []
+        for index, (target, ctx) in enumerate(zip(targets, contexts)):
+            tau_norm = float(target.norm())
+            if math.isfinite(tau_norm):
+                searched.append(index)
+            else:
+                encodings[index] = self._rejection(self.header(ctx.round, ctx.client_id),
+                                                   "update holds NaN or Inf (local training diverged)", tau_norm, None, {})
+        if len(searched) == 1:
+            index = searched[0]
+            grid, learnable = self._synthesis_grid(contexts[index])
+            found = [synthesize(
+                self.env.model, targets[index], self.env.input_shape, self.options.num_snapshots, grid,
+                self.env.num_classes, self.options.synthesis(), contexts[index].generator, learnable=learnable,
+            )]
+        elif searched:
+            grid, learnable = self._synthesis_grid(contexts[searched[0]])  # the same for all: not client mode
+            found = synthesize_batch(
+                self.env.model, [targets[i] for i in searched], self.env.input_shape, self.options.num_snapshots,
+                grid, self.env.num_classes, self.options.synthesis(), [contexts[i].generator for i in searched],
+            )
+        for index, (snapshots, labels, info) in zip(searched, found if searched else []):
+            encodings[index] = self._encoding(targets[index], contexts[index], snapshots, labels, info, grid, learnable)
+        return encodings
+
+    def _encoding(self, target: torch.Tensor, ctx: ClientContext, snapshots: torch.Tensor, labels: torch.Tensor,
+                  info: dict[str, float], grid: Grid, learnable: list[torch.Tensor]) -> ClientEncoding:
+        """A found (S, Y) as it goes on the wire, its decoded direction, scale and residual."""
         meta = self.header(ctx.round, ctx.client_id)
         tau_norm = float(target.norm())
-        if not math.isfinite(tau_norm):
-            return self._rejection(meta, "update holds NaN or Inf (local training diverged)", tau_norm, None, {})
-        grid, learnable = self._synthesis_grid(ctx)
-        snapshots, labels, info = synthesize(
-            self.env.model, target, self.env.input_shape, self.options.num_snapshots, grid,
-            self.env.num_classes, self.options.synthesis(), ctx.generator, learnable=learnable,
-        )
         if not (torch.isfinite(snapshots).all() and torch.isfinite(labels).all()):
             return self._rejection(meta, "snapshot holds NaN or Inf", tau_norm, target, info)
         arrays = self._wire_arrays(snapshots, labels)
@@ -460,10 +519,18 @@ class OSFed(Algorithm):
             ctx.state[FSRCNN_STATE_KEY] = arrays[FSRCNN_ARRAY].copy()
         stats = {
             "cos": abs(float(cosine(update, target))), "cos_init": info["cos_init"], "tau_norm": tau_norm,
-            "residual_norm": float(residual.norm()), "synth_seconds": info["seconds"],
-            "synth_iters": info["iterations"], "scale": float(scale.abs().mean()) if torch.is_tensor(scale) else scale,
+            "residual_norm": float(residual.norm()), **self._search_stats(info),
+            "label_rms": float(labels.square().mean().sqrt()),
+            "scale": float(scale.abs().mean()) if torch.is_tensor(scale) else scale,
         }
         return ClientEncoding(Payload(meta=meta, arrays=arrays), direction, scale, residual, stats)
+
+    @staticmethod
+    def _search_stats(info: dict[str, float]) -> dict[str, float]:
+        return {"synth_seconds": info.get("seconds", 0.0), "synth_iters": info.get("iterations", 0.0),
+                "synth_outer_steps": info.get("outer_steps", 0.0),
+                "synth_stopped_early": info.get("stopped_early", 0.0),
+                "label_rescales": info.get("label_rescales", 0.0)}
 
     def _synthesis_grid(self, ctx: ClientContext) -> tuple[Grid, list[torch.Tensor]]:
         """The multi-grid function the synthesis runs through, and the tensors it learns besides (S, Y).
@@ -492,7 +559,7 @@ class OSFed(Algorithm):
         stats = {
             "cos": float("nan"), "cos_init": info.get("cos_init", float("nan")), "tau_norm": tau_norm,
             "residual_norm": float(residual.norm()) if residual is not None else float("nan"),
-            "synth_seconds": info.get("seconds", 0.0), "synth_iters": info.get("iterations", 0.0), "scale": 0.0,
+            **self._search_stats(info), "scale": 0.0,
         }
         payload = Payload(meta={**meta, "rejected": reason}, arrays={"scale": np.zeros(self.num_scales, dtype=np.float32)})
         return ClientEncoding(payload, None, None, residual, stats)

@@ -205,6 +205,7 @@ class DatasetReader:
         self._validate()
         self._pid: int | None = None
         self._handles: dict[Path, h5py.File] = {}
+        self._images: dict[Path, h5py.Dataset] = {}  # "images" of open handles: a lookup is ~50 us
         self._orphans: list[h5py.File] = []
 
     # -- metadata ---------------------------------------------------------------------------
@@ -315,7 +316,33 @@ class DatasetReader:
         idx = self._check_indices(split, np.asarray([index]))
         s = int(self._shard_of(split, idx)[0])
         local = int(idx[0] - self._starts[split][s])
-        return self._file(split, s)["images"][local].tobytes()
+        return self._images_of(split, s)[local].tobytes()
+
+    def read_encoded_many(self, split: str, indices: Any) -> list[np.ndarray]:
+        """The stored JPEG bytes (``uint8`` arrays) of global ``indices`` (any order, repeats allowed).
+
+        One h5py selection per shard touched instead of one read per sample: a single-element
+        read costs ~150 us of h5py overhead (dataset lookup, selection, vlen conversion), about
+        as much as 10 % of decoding a 500x375 JPEG; read as a batch it is ~40 us per sample.
+        """
+        if self.encoding != "jpeg":
+            raise DataError(f"{self._path}: read_encoded needs a jpeg dataset, this one is '{self.encoding}' encoded")
+        split = self._check_split(split)
+        idx = self._check_indices(split, indices)
+        out: list[np.ndarray] = [None] * len(idx)  # type: ignore[list-item]
+        if not len(idx):
+            return out
+        shard_of = self._shard_of(split, idx)
+        for s in np.unique(shard_of):
+            sel = np.flatnonzero(shard_of == s)
+            uniq, inverse = np.unique(idx[sel] - self._starts[split][s], return_inverse=True)
+            ds = self._images_of(split, int(s))
+            lo, hi = int(uniq[0]), int(uniq[-1]) + 1
+            # h5py wants increasing indices; a dense run is one contiguous read.
+            rows = ds[lo:hi][uniq - lo] if hi - lo <= 2 * len(uniq) else ds[uniq]
+            for k, j in zip(sel.tolist(), inverse.reshape(-1).tolist()):
+                out[k] = rows[j]
+        return out
 
     def close(self) -> None:
         """Close the handles this process opened (inherited ones are left alone)."""
@@ -323,7 +350,7 @@ class DatasetReader:
             for f in self._handles.values():
                 if f.id.valid:
                     f.close()
-        self._handles = {}
+        self._handles, self._images = {}, {}
         self._pid = None
 
     def __enter__(self) -> DatasetReader:
@@ -336,7 +363,7 @@ class DatasetReader:
         # Sent to spawned DataLoader workers: everything but open handles (h5py objects cannot
         # cross a process boundary, and must not).
         state = self.__dict__.copy()
-        state.update(_pid=None, _handles={}, _orphans=[])
+        state.update(_pid=None, _handles={}, _images={}, _orphans=[])
         return state
 
     def __repr__(self) -> str:
@@ -373,7 +400,7 @@ class DatasetReader:
             # After a fork the parent's handles share HDF5 state with the parent: keep them
             # referenced (closing them here could touch that state) and open our own.
             self._orphans.extend(self._handles.values())
-            self._handles = {}
+            self._handles, self._images = {}, {}
             self._pid = pid
         path = self._shards[split][s].path
         f = self._handles.get(path)
@@ -384,6 +411,13 @@ class DatasetReader:
                 raise DataError(f"{path}: not an HDF5 file or truncated ({exc})") from None
             self._handles[path] = f
         return f
+
+    def _images_of(self, split: str, s: int) -> h5py.Dataset:
+        f = self._file(split, s)
+        ds = self._images.get(self._shards[split][s].path)
+        if ds is None:
+            ds = self._images[self._shards[split][s].path] = f["images"]
+        return ds
 
     def _validate(self) -> None:
         manifest = self._path / MANIFEST_NAME
