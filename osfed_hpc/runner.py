@@ -587,8 +587,9 @@ class Runner:
     def _chunks(self, selected: list[int], mode: int):
         """(clients, how many of ``total`` came before, total) for each call of ``client_updates``.
 
-        Fixed placement: this rank's selected clients in client-id order, ``client_batch_size()``
-        at a time (the progress count is this rank's). Dealt: one client per claim, until the claims
+        Fixed placement: this rank's selected clients in client-id order, grouped by their block of
+        ``client_batch_size()`` consecutive ids (a batch never spans two blocks, so it is the same
+        on any rank count; the progress count is this rank's). Dealt: one client per claim, until the claims
         run past the round's clients (the count is the round's). Streamed payloads are dealt in
         client-id order (rank 0 folds them in that order from whoever sends them); gathered ones
         largest client first, so that no big client starts last."""

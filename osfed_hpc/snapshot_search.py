@@ -170,7 +170,9 @@ class BatchEvaluator:
 
     def __call__(self, xs: torch.Tensor, clients: list[int]) -> tuple[list[float], torch.Tensor]:
         s, y = self.layout.split(xs)
-        (gs, gy), losses = self._outer(s, y, self.targets[clients])
+        # all clients still searching (the usual case): the stacked targets as they are, no per-call copy
+        targets = self.targets if len(clients) == len(self.targets) else self.targets[clients]
+        (gs, gy), losses = self._outer(s, y, targets)
         return losses.tolist(), torch.cat([gs.flatten(1), gy.flatten(1)], dim=1)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -430,7 +431,7 @@ class OSFed(Algorithm):
     def client_batch_size(self) -> int:
         return 1 if self.fsrcnn_mode == "client" else self.options.synthesis_batch
 
-    def client_updates(self, contexts: list[ClientContext], load_start) -> list[ClientResult]:
+    def client_updates(self, contexts: list[ClientContext], load_start: Callable[[], None]) -> list[ClientResult]:
         """Local training of each client from W_t, then one synthesis for all of them at W_t.
 
         Each client's generator is drawn from in the same order as one at a time (its local
