@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -160,6 +161,33 @@ class World:
 
     def abort(self, code: int = 1) -> None:
         self.comm.Abort(code)
+
+
+#: dealt clients need every client's data on every worker: for in-memory (raw) data only while the
+#: whole training split, as float32 on the device, stays below this (JPEG data is read on demand)
+DEALT_DATA_LIMIT_BYTES = 2**30
+
+
+def placement_mode(algorithm: Any, world_size: int, tags_fit: bool, raw_bytes: int | None,
+                   raw_limit: int = DEALT_DATA_LIMIT_BYTES) -> str:
+    """"dealt" (workers take the next unclaimed client) or, when the split stays fixed, why.
+
+    One decision for the runner and ``--dry-run``'s plan, so the plan shows the placement the run
+    will use. ``raw_bytes`` is the training split as float32 when the data is held in memory on
+    every worker (None for data read on demand)."""
+    if world_size < 3:
+        return "fixed: one worker"
+    if os.environ.get("OSFED_PLACEMENT", "").strip().lower() == "static":
+        return "fixed: OSFED_PLACEMENT=static"
+    if type(algorithm).keeps_client_state:
+        return "fixed: the method keeps client state"
+    if algorithm.client_batch_size() > 1:
+        return "fixed: the method batches a rank's clients"
+    if not tags_fit:
+        return "fixed: more clients than MPI tags"
+    if raw_bytes is not None and raw_bytes > raw_limit:
+        return f"fixed: the training split ({raw_bytes / 2**30:.1f} GiB) would be on every worker"
+    return "dealt"
 
 
 def tag_limit(world: World) -> int:

@@ -96,6 +96,10 @@ def format_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+#: the smallest MPI_TAG_UB the MPI standard allows; a dry run never asks MPI for the real one
+MPI_MIN_TAG_UB = 32767
+
+
 def _format_clients(clients: list[int], limit: int = 12) -> str:
     if not clients:
         return "-"
@@ -136,6 +140,8 @@ class Plan:
     start_round: int = 1
     timing: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    #: "dealt" or "fixed: <why>", as the run decides it (comm.placement_mode)
+    placement: str = "fixed"
 
 
 def _resolve_partition(config, reader, data_dir_for_paths: Path):
@@ -266,9 +272,10 @@ def make_plan(config, ranks: int = 3, runs_dir: Path | str = "runs", resume_dir:
     """Validate and resolve ``config`` as a run's setup would, for a world of ``ranks`` ranks, and
     estimate what each rank holds, writes and moves. Writes nothing."""
     from . import checkpoint as ckpt
-    from .comm import assign_clients
+    from .comm import assign_clients, placement_mode
     from .data import DatasetReader, prepare_dataset
     from .errors import RunError
+    from .exchange import CLIENT_TAG_BASE
     from .rng import select_clients
 
     if ranks < 1:
@@ -308,6 +315,7 @@ def make_plan(config, ranks: int = 3, runs_dir: Path | str = "runs", resume_dir:
             if resolution is None:
                 raise RunError(f"data.resolution must be set for {reader.encoding} dataset {config.data.path}")
             num_classes, num_train = reader.num_classes, reader.count("train")
+            encoding = reader.encoding
             input_shape = (reader.channels, resolution, resolution)
         finally:
             reader.close()
@@ -324,6 +332,13 @@ def make_plan(config, ranks: int = 3, runs_dir: Path | str = "runs", resume_dir:
     model_bytes = 4 * flat.numel
 
     sizes = [int(s) for s in partition.sizes]
+    raw_bytes = 4 * math.prod(input_shape) * sum(sizes) if encoding == "raw" else None
+    # the run asks its MPI for the tag bound; the plan assumes the standard's minimum
+    placement_note = placement_mode(algorithm, ranks, CLIENT_TAG_BASE + num_clients <= MPI_MIN_TAG_UB, raw_bytes)
+    dealt = placement_note == "dealt"
+    if "MPI tags" in placement_note:
+        notes.append(f"placement: fixed because {num_clients} clients need more tags than the MPI standard's "
+                     f"minimum ({MPI_MIN_TAG_UB}); a site MPI with a larger MPI_TAG_UB deals them")
     placement = assign_clients(sizes, worker_ranks, block=max(1, int(algorithm.client_batch_size())))
     rounds = list(range(start_round, config.rounds + 1))
     selected_count = {rank: 0 for rank in range(ranks)}
@@ -339,9 +354,12 @@ def make_plan(config, ranks: int = 3, runs_dir: Path | str = "runs", resume_dir:
         hosted = placement.get(rank, [])
         role = "server+worker" if ranks == 1 else ("server" if rank == 0 else "worker")
         selected = total_selected if rank == 0 else per_round[rank]
+        if dealt and rank > 0:  # no fixed clients: each worker takes its share of every round on average
+            hosted, selected = [], total_selected / len(worker_ranks)
         checkpoint = client_state * len(hosted) + (model_bytes + server_state if rank == 0 else 0)
         rank_plans.append(RankPlan(
-            rank=rank, role=role, clients=hosted, samples=sum(sizes[c] for c in hosted),
+            rank=rank, role=role, clients=hosted,
+            samples=sum(sizes) // len(worker_ranks) if dealt and rank > 0 else sum(sizes[c] for c in hosted),
             selected_per_round=selected, client_state_bytes=client_state * len(hosted),
             checkpoint_bytes=checkpoint, downlink_bytes=model_bytes * selected, uplink_bytes=payload_hint * selected,
         ))
@@ -352,7 +370,7 @@ def make_plan(config, ranks: int = 3, runs_dir: Path | str = "runs", resume_dir:
                 num_train=num_train, num_classes=num_classes, input_shape=input_shape, num_clients=num_clients,
                 model_numel=flat.numel, param_numel=flat.param_numel, payload_hint=payload_hint,
                 client_state_bytes=client_state, server_state_bytes=server_state, rank_plans=rank_plans,
-                start_round=start_round, timing=timing, notes=notes)
+                start_round=start_round, timing=timing, notes=notes, placement=placement_note)
 
 
 def render_plan(plan: Plan) -> str:
@@ -373,13 +391,20 @@ def render_plan(plan: Plan) -> str:
     lines.append(f"rounds:     {plan.start_round}..{config.rounds} ({rounds_left} to run), server.sample_fraction "
                  f"{config.server.sample_fraction}")
     lines.append("")
+    if plan.placement == "dealt":
+        how = ("dealt: each worker takes the next unclaimed selected client as it finishes (the method keeps "
+               "no client state); a worker's samples and selected/round are its even share")
+    else:
+        how = plan.placement
+    lines.append(f"placement:  {how}")
     lines.append(f"placement and estimates for --ranks {plan.ranks} (per round: logical bytes, as metrics.jsonl "
                  f"counts them; rank 0 folds every client's payload):")
     header = (f"{'rank':>4}  {'role':<13}  {'clients':<24}  {'samples':>8}  {'sel/round':>9}  {'client state':>12}  "
               f"{'checkpoint':>10}  {'down/round':>10}  {'up/round':>10}")
     lines.append(header)
     for p in plan.rank_plans:
-        lines.append(f"{p.rank:>4}  {p.role:<13}  {_format_clients(p.clients):<24}  {p.samples:>8}  "
+        clients = "dealt" if plan.placement == "dealt" and p.rank > 0 else _format_clients(p.clients)
+        lines.append(f"{p.rank:>4}  {p.role:<13}  {clients:<24}  {p.samples:>8}  "
                      f"{p.selected_per_round:>9.2f}  {format_bytes(p.client_state_bytes):>12}  "
                      f"{format_bytes(p.checkpoint_bytes):>10}  {format_bytes(p.downlink_bytes):>10}  "
                      f"{format_bytes(p.uplink_bytes):>10}")

@@ -50,7 +50,7 @@ from .algorithms.server_optimizer import ServerOptimizer
 from .algorithms.update_guard import UpdateGuard
 from .atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .client_state import ClientStateStore
-from .comm import ClaimCounter, World, assign_clients, owner_map, tag_limit
+from .comm import ClaimCounter, World, assign_clients, owner_map, placement_mode, tag_limit
 from .config import Config, ConfigError
 from .devices import configure_threads, describe, deterministic_numerics, make_deterministic, select_device
 from .errors import AgreedStop, RunError
@@ -81,9 +81,6 @@ _RECORD_HEAD = ("client", "seconds", "peak_memory_bytes", "payload_bytes", "num_
 #: once a rank's work in a round has run this long, it prints a line per finished client (a long
 #: ImageNet round is never silent); a module constant so tests can lower it
 SLOW_ROUND_S = 60.0
-#: dealt clients need every client's data on every worker: for in-memory (raw) data only while the
-#: whole training split, as float32 on the device, stays below this (JPEG data is read on demand)
-DEALT_DATA_LIMIT_BYTES = 2**30
 
 
 @dataclass
@@ -333,19 +330,9 @@ class Runner:
         note = ""
         if world.is_server:
             reader, (c, h, w) = self.inputs.reader, self.inputs.input_shape
-            raw_bytes = 4 * c * h * w * int(self.sizes.sum())
-            if os.environ.get("OSFED_PLACEMENT", "").strip().lower() == "static":
-                note = "fixed: OSFED_PLACEMENT=static"
-            elif self.algorithm_cls.keeps_client_state:
-                note = "fixed: the method keeps client state"
-            elif self.server_algorithm.client_batch_size() > 1:
-                note = "fixed: the method batches a rank's clients"
-            elif CLIENT_TAG_BASE + self.num_clients > tag_limit(world):
-                note = "fixed: more clients than MPI tags"
-            elif reader.encoding == "raw" and raw_bytes > DEALT_DATA_LIMIT_BYTES:
-                note = f"fixed: the training split ({raw_bytes / 2**30:.1f} GiB) would be on every worker"
-            else:
-                note = "dealt"
+            raw_bytes = 4 * c * h * w * int(self.sizes.sum()) if reader.encoding == "raw" else None
+            note = placement_mode(self.server_algorithm, world.size,
+                                  CLIENT_TAG_BASE + self.num_clients <= tag_limit(world), raw_bytes)
         return world.bcast_text(note)
 
     def _participations_before(self, round_: int) -> np.ndarray:
@@ -467,7 +454,7 @@ class Runner:
         gathered = self._gather_records(records)
         record = None
         if world.is_server:
-            outcome["downlink"] = self._downlink(message, selected)
+            outcome["downlink"] = self._downlink(round_, message, selected)
             outcome["exchange"] = MODE_NAMES[mode]
             self.payload_bytes = int(gathered[:, _RECORD_HEAD.index("payload_bytes")].max(initial=0))
             record = self._round_record(round_, selected, outcome, gathered, timer, round_start, mpi_before)
@@ -531,11 +518,18 @@ class Runner:
         return ReceivedMessage(round=round_, model=model_sent, common=parts.pop(_COMMON, None),
                                diagnostics=parts.pop(_DIAGNOSTICS, None), per_client=parts)
 
-    def _downlink(self, message: ServerMessage, selected: list[int]) -> int:
-        """Logical downlink of the round: what each selected client receives, summed."""
+    def _downlink(self, round_: int, message: ServerMessage, selected: list[int]) -> int:
+        """Logical downlink of the round: what each selected client receives, summed, plus the data
+        a client keeps (``kept_downlink_bytes``) for each client selected for the first time."""
         model_bytes = 4 * self.server_model.numel
         algorithm = self.server_algorithm
-        return sum(message.downlink_bytes(client, algorithm.client_model_bytes(client, model_bytes)) for client in selected)
+        total = sum(message.downlink_bytes(client, algorithm.client_model_bytes(client, model_bytes))
+                    for client in selected)
+        kept = algorithm.kept_downlink_bytes()
+        if kept:
+            first_time = self._participations_before(round_)[np.asarray(selected, dtype=np.int64)] == 0
+            total += kept * int(first_time.sum())
+        return total
 
     # work --------------------------------------------------------------------------------------
     def _work(self, round_: int, selected: list[int], message: ReceivedMessage, exchange, mode: int) -> list[list[float]]:

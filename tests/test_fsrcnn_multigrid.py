@@ -189,7 +189,7 @@ def test_uplink_bytes_per_mode():
     assert OSFed(options("client"), make_env()).payload_size_hint() >= sizes["client"]
 
 
-def test_server_mode_downlink_is_counted_in_the_first_round_of_each_server_process():
+def test_server_mode_sends_in_the_first_round_of_each_server_process_and_counts_once_per_client():
     env = make_env()
     server = OSFed(options("server"), env)
     model_bytes = 4 * env.model.numel
@@ -198,10 +198,14 @@ def test_server_mode_downlink_is_counted_in_the_first_round_of_each_server_proce
     assert weights.dtype == np.float32 and weights.shape == (small_params(),)
     extra = first.common.packed_size()
     assert 4 * small_params() <= extra < 4 * small_params() + 256
-    for client in (0, 3):  # every selected client of the round is counted
-        assert first.downlink_bytes(client, model_bytes) == model_bytes + extra
+    # kept data: not in the message's per-round count; the runner charges kept_downlink_bytes once
+    # per client, the first round it is selected
+    assert first.common_kept and server.kept_downlink_bytes() == extra
+    for client in (0, 3):
+        assert first.downlink_bytes(client, model_bytes) == model_bytes
     second = server.server_message(2)
     assert second.common is None and second.downlink_bytes(0, model_bytes) == model_bytes
+    assert OSFed(options("fixed"), make_env()).kept_downlink_bytes() == 0
     # a resumed server process sends them again, the same weights (restored, not retrained)
     resumed = OSFed(options("server"), make_env())
     resumed.load_server_state(server.server_state())
@@ -215,7 +219,7 @@ def test_server_mode_downlink_is_counted_in_the_first_round_of_each_server_proce
         again = resumed.server_message(7)
     finally:
         osfed_module.train_server_fsrcnn = original
-    assert again.common.meta["round"] == 7 and np.array_equal(again.common.arrays[FSRCNN_ARRAY], weights)
+    assert again.common_kept and np.array_equal(again.common.arrays[FSRCNN_ARRAY], weights)
     assert resumed.server_message(8).common is None
     # fixed and client modes send nothing down besides the model
     for mode in ("fixed", "client"):
@@ -242,8 +246,9 @@ def test_server_mode_worker_checks_the_message():
     server = OSFed(options("server"), make_env())
     message = received(server.server_message(1))
     worker = OSFed(options("server"), make_env())
+    foreign = Payload(meta={**message.common.meta, "algorithm": "sfc3"}, arrays=dict(message.common.arrays))
     with pytest.raises(ValueError, match="round 2: server FSRCNN weights"):
-        worker.client_begin_round(ReceivedMessage(round=2, model=True, common=message.common))
+        worker.client_begin_round(ReceivedMessage(round=2, model=True, common=foreign))
     bad = Payload(meta=dict(message.common.meta), arrays={FSRCNN_ARRAY: np.zeros(5, dtype=np.float32)})
     with pytest.raises(ValueError, match="fsrcnn"):
         worker.client_begin_round(ReceivedMessage(round=1, model=True, common=bad))
@@ -381,8 +386,9 @@ def test_fsrcnn_needs_a_uniform_grid_with_factor_two_or_more():
 
 @pytest.mark.slow
 def test_server_mode_run_resumes_bit_for_bit_and_counts_the_broadcast(digits_dir, tmp_path):
-    """Rounds 1-2 in one go on one rank vs round 1, then 2 resumed on two ranks: the same model, and
-    the FSRCNN goes down (and is counted) in the first round of each server process (~12 s)."""
+    """Rounds 1-2 in one go on one rank vs round 1, then 2 resumed on two ranks: the same model; the
+    FSRCNN goes down again to the resumed run's new processes but is counted once per client, in the
+    first round each client is selected (~12 s)."""
     import json
 
     from tests.conftest import small_run_overrides
@@ -405,4 +411,38 @@ def test_server_mode_run_resumes_bit_for_bit_and_counts_the_broadcast(digits_dir
     model = downlink[full][1]  # round 2 of the uninterrupted run: the model alone, for every client
     extra = downlink[full][0] - model
     assert 4 * small_params() * 6 <= extra < (4 * small_params() + 256) * 6  # six clients, one FSRCNN each
-    assert downlink[part] == [model + extra, model + extra]
+    assert downlink[part] == [model + extra, model]  # round 2 re-sends it (new processes), nobody pays again
+
+
+@pytest.mark.slow
+def test_server_mode_partial_participation_charges_each_client_at_its_first_selection(digits_dir, tmp_path):
+    """With half the clients per round, a client first selected in round 3 still needs the FSRCNN:
+    the run charges it then (it went down physically in round 1 only), once per client (~10 s)."""
+    import json
+
+    import yaml
+
+    from osfed_hpc.rng import select_clients
+    from tests.conftest import small_run_overrides
+    from tests.test_run_e2e import osfed
+
+    fsrcnn = ["algorithm.upsampler=fsrcnn", "algorithm.fsrcnn_mode=server", "algorithm.fsrcnn_d=8",
+              "algorithm.fsrcnn_s=4", "algorithm.fsrcnn_m=1", "algorithm.fsrcnn_server_steps=3",
+              "algorithm.fsrcnn_server_batch=4", "server.sample_fraction=0.5"]
+    run = tmp_path / "run"
+    result = osfed("run", *small_run_overrides(digits_dir, run, "osfed", rounds=4), *fsrcnn)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    kept = OSFed(options("server"), make_env()).kept_downlink_bytes()  # depends on the FSRCNN sizes only
+    seen: set[int] = set()
+    model_bytes = None
+    for record in records:
+        selected = [int(c) for c in select_clients(config["seed"], record["round"], 6, 0.5)]
+        assert selected == record["clients"]
+        new = len(set(selected) - seen)
+        seen |= set(selected)
+        per_client = (record["downlink_bytes"] - new * kept) / len(selected)
+        model_bytes = model_bytes or per_client
+        assert per_client == model_bytes
+    assert any(set(r["clients"]) - set(records[0]["clients"]) for r in records[1:])  # late first selections

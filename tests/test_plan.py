@@ -95,6 +95,44 @@ def test_dry_run_prints_config_and_placement_without_mpi_or_writes(fresh_digits,
     assert "no earlier finished run of cnn at 8 px" in plan_text
 
 
+@pytest.mark.parametrize("algorithm, env, expected", [
+    ("fedavg", {}, "dealt"),
+    ("fedavg", {"OSFED_PLACEMENT": "static"}, "fixed: OSFED_PLACEMENT=static"),
+    ("osfed", {}, "fixed: the method keeps client state"),
+])
+def test_dry_run_shows_the_placement_the_run_uses(fresh_digits, tmp_path, algorithm, env, expected):
+    """The plan and the runner share one decision (comm.placement_mode): a stateless method's
+    workers are shown as taking dealt clients, not a fixed split the run would not use."""
+    result = osfed("run", "--dry-run", *small_run_overrides(fresh_digits, tmp_path / "out", algorithm), "--ranks", "3",
+                   "--runs-dir", str(tmp_path / "no-runs"), env={"OSFED_PLACEMENT": "", **env})
+    assert result.returncode == 0, result.stderr
+    plan_text = result.stdout.split("# plan", 1)[1]
+    assert f"placement:  {expected}" in plan_text
+    rows = {int(line.split()[0]): line.split() for line in plan_text.splitlines()
+            if line.strip() and line.split()[0].isdigit() and len(line.split()) > 5}
+    worker_clients = {rows[rank][2] for rank in (1, 2)}
+    assert (worker_clients == {"dealt"}) == (expected == "dealt")
+    if expected == "dealt":
+        assert float(rows[1][4]) == float(rows[2][4]) == pytest.approx(float(rows[0][4]) / 2)
+
+
+def test_placement_mode_reasons():
+    from osfed_hpc.algorithms.fedavg import FedAvg
+    from osfed_hpc.comm import placement_mode
+
+    class Batched(FedAvg):
+        def client_batch_size(self) -> int:
+            return 2
+
+    fedavg, batched = FedAvg.__new__(FedAvg), Batched.__new__(Batched)
+    assert placement_mode(fedavg, 2, True, None) == "fixed: one worker"
+    assert placement_mode(fedavg, 3, True, None) == "dealt"
+    assert placement_mode(batched, 3, True, None) == "fixed: the method batches a rank's clients"
+    assert placement_mode(fedavg, 3, False, None) == "fixed: more clients than MPI tags"
+    assert placement_mode(fedavg, 3, True, 2**30) == "dealt"
+    assert placement_mode(fedavg, 3, True, 2**30 + 1).startswith("fixed: the training split (1.0 GiB)")
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

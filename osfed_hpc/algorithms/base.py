@@ -44,18 +44,22 @@ class ServerMessage:
     ``model``: the trainable state W_t goes down as float32 (4 bytes per value per client).
     ``common``: method data every client receives. ``per_client``: data for one client only (counted
     for that client alone). ``diagnostics``: sent for measurement (e.g. client drift) and never
-    counted as downlink, because a deployment would not send it.
+    counted as downlink, because a deployment would not send it. ``common_kept``: ``common`` is data
+    a client keeps once it has it (OS-Fed's server-trained FSRCNN); the simulation re-sends it to
+    new worker processes, so it is not counted here but as ``Algorithm.kept_downlink_bytes`` for
+    each client in the first round that client is selected.
     """
 
     model: bool = True
     common: Payload | None = None
     per_client: dict[int, Payload] = field(default_factory=dict)
     diagnostics: Payload | None = None
+    common_kept: bool = False
 
     def downlink_bytes(self, client: int, model_bytes: int) -> int:
-        """Logical bytes client ``client`` receives this round."""
+        """Logical bytes client ``client`` receives this round, less data it keeps (``common_kept``)."""
         total = model_bytes if self.model else 0
-        if self.common is not None:
+        if self.common is not None and not self.common_kept:
             total += self.common.packed_size()
         if client in self.per_client:
             total += self.per_client[client].packed_size()
@@ -278,6 +282,12 @@ class Algorithm:
         Default: the whole trainable state. A method whose clients each use part of it (one model
         family of several) returns that part's bytes."""
         return model_bytes
+
+    def kept_downlink_bytes(self) -> int:
+        """Logical bytes each client receives once, in the first round it is selected, and keeps:
+        data sent as ``ServerMessage.common`` with ``common_kept`` (default: none). Charged by
+        participation, so the count does not depend on when worker processes (re)started."""
+        return 0
 
     # the server phase (one-shot and distillation methods) --------------------------------------
     def server_phase_epochs(self, round: int) -> int:

@@ -143,8 +143,8 @@ class OSFed(Algorithm):
         #: who holds the FSRCNN weights (ours; the paper leaves it open): "fixed" (drawn from the run's
         #: seed, never trained, nothing sent), "client" (optimised jointly with (S, Y), sent with every
         #: snapshot: + 4 B per FSRCNN parameter per client-round) or "server" (trained once by the
-        #: server on scikit-learn's public china.jpg, sent down once: + 4 B per parameter per client
-        #: in the first round each server process runs)
+        #: server on scikit-learn's public china.jpg, sent down once: + 4 B per parameter per client,
+        #: counted in the first round the client is selected)
         fsrcnn_mode: str = "server"
         #: FSRCNN sizes (Dong et al. 2016; the paper's "lightweight FSRCNN" does not give them):
         #: feature width d, shrunk width s, m mapping layers; 12,809 parameters for 1 channel
@@ -400,23 +400,29 @@ class OSFed(Algorithm):
     # server to clients (server-mode FSRCNN) ----------------------------------------------------
     def server_message(self, round: int) -> ServerMessage:
         """The model; in server mode also the FSRCNN weights in the first round this server process
-        runs (round 1, or the first round after a resume, when workers may be new processes). The
-        runner counts the message's ``common`` part once per selected client of that round."""
+        runs (round 1, or the first round after a resume, when workers may be new processes). They
+        are data a client keeps: the runner counts them once per client, the first round it is
+        selected (``kept_downlink_bytes``), not each time a process restart re-sends them."""
         if self.fsrcnn_mode != "server" or self._fsrcnn_broadcast:
             return ServerMessage(model=True)
-        weights = self.server_fsrcnn_weights()
         self._fsrcnn_broadcast = True
-        common = Payload(meta={"algorithm": self.name, "round": round, "upsampler": self.fsrcnn_tag},
-                         arrays={FSRCNN_ARRAY: weights})
-        return ServerMessage(model=True, common=common)
+        return ServerMessage(model=True, common=self._fsrcnn_payload(self.server_fsrcnn_weights()), common_kept=True)
+
+    def kept_downlink_bytes(self) -> int:
+        """Server mode: the FSRCNN message (weights and header), which a client receives once."""
+        if self.fsrcnn_mode != "server":
+            return 0
+        return self._fsrcnn_payload(np.zeros(self.fsrcnn.num_parameters, dtype=np.float32)).packed_size()
+
+    def _fsrcnn_payload(self, weights: np.ndarray) -> Payload:
+        return Payload(meta={"algorithm": self.name, "upsampler": self.fsrcnn_tag}, arrays={FSRCNN_ARRAY: weights})
 
     def client_begin_round(self, message: ReceivedMessage) -> None:
         """Server mode: cache the FSRCNN weights when the message carries them (checked first)."""
         if self.fsrcnn_mode != "server" or message.common is None:
             return
         context = f"round {message.round}: server FSRCNN weights"
-        require_meta(message.common.meta, {"algorithm": self.name, "round": message.round,
-                                           "upsampler": self.fsrcnn_tag}, context)
+        require_meta(message.common.meta, {"algorithm": self.name, "upsampler": self.fsrcnn_tag}, context)
         require(message.common, {FSRCNN_ARRAY: ("float32", (self.fsrcnn.num_parameters,))}, context)
         weights = np.array(message.common.arrays[FSRCNN_ARRAY], dtype=np.float32)  # a copy: the buffer is reused
         if not np.isfinite(weights).all():
