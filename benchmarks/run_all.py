@@ -36,6 +36,7 @@ BENCHMARKS = {
     "memory": ("bench_memory.py", "memory"),
     "loader": ("bench_loader.py", "loader"),
     "synthesis": ("bench_synthesis.py", "synthesis"),
+    "host_memory": ("bench_host_memory.py", "host_memory"),
 }
 
 
@@ -105,6 +106,10 @@ def summarise(name: str, data: dict) -> list[tuple[str, str, str]]:
                              _fmt(case.get("stop_speedup_cpu_time"), 2), f"same cos: {case.get('stop_same_cos')}"))
                 rows.append((f"synthesis {case.get('name', '?')}: batched vs sequential clients (CPU s speed-up)",
                              _fmt(case.get("batch_speedup_cpu_time"), 2), f"same cos: {case.get('batch_same_cos')}"))
+    elif name == "host_memory":
+        for case, f in data.get("figures", {}).items():
+            rows.append((f"host memory {case}: system / keep (wall s)", _fmt(f.get("system_over_keep"), 2),
+                         f"> 1: keeping pays; bitwise same: {f.get('bitwise_same')}"))
     elif name == "loader":
         for case in data.get("raw_in_memory", []):
             rows.append((f"loader {case.get('case', '?')}: ours / plain", _fmt(case.get("ratio_ours_over_plain")), ""))

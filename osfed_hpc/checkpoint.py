@@ -41,7 +41,7 @@ KEEP = 2
 #: config keys that may change between a run and its resumption (they do not change the model)
 RESUMABLE_KEYS = ("rounds", "out", "eval", "runtime.checkpoint_every", "runtime.threads",
                   "runtime.state_dir", "runtime.client_state", "runtime.debug", "runtime.gather_limit_mb",
-                  "runtime.tensorboard", "runtime.save_snapshots",
+                  "runtime.tensorboard", "runtime.save_snapshots", "runtime.host_memory",
                   "data.num_workers")
 
 

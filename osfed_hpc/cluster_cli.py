@@ -16,6 +16,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.np < 1:
         raise ConfigError(f"--np must be >= 1, got {args.np}")
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
     plan = sw.load_sweep(args.sweep, args.out, quick=args.quick)
     rows = sw.expand(plan)
     width = max(len(r.name) for r in rows)
@@ -33,7 +35,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"wrote {len(rows)} row configs, {folder / 'rows.tsv'} and {folder / 'rows.json'}")
     sw.ensure_data(rows)
     if args.local:
-        return sw.run_local(folder, args.np, args.mpirun)
+        return sw.run_local(folder, args.np, args.mpirun, parallel=args.parallel)
     print(prefix + shlex.join(command))
     if args.submit:
         return sw.submit(command, env)
@@ -48,8 +50,12 @@ def add_commands(sub) -> None:
     p.add_argument("--out", help="sweep folder (default: the sweep file's 'out', else runs/sweeps/<name>)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--submit", action="store_true", help="run the printed sbatch command")
-    mode.add_argument("--local", action="store_true", help="run the rows one after another here, with mpirun")
+    mode.add_argument("--local", action="store_true", help="run the rows here, with mpirun (one after another unless --parallel)")
     p.add_argument("--np", type=int, default=3, help="--local: MPI ranks per row (default 3)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="--local: run up to this many rows at once, each with its own mpirun (default 1; output "
+                        "in SWEEP/logs/). --np 2 --parallel 2 keeps 2 cores busy where a fixed client placement "
+                        "leaves workers idle")
     p.add_argument("--mpirun", help="--local: the mpirun to use (default: next to python, else on PATH)")
     p.add_argument("--dry-run", action="store_true", help="validate and print; write, prepare and start nothing")
     p.add_argument("--quick", action="store_true",

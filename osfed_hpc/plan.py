@@ -354,12 +354,12 @@ def make_plan(config, ranks: int = 3, runs_dir: Path | str = "runs", resume_dir:
         hosted = placement.get(rank, [])
         role = "server+worker" if ranks == 1 else ("server" if rank == 0 else "worker")
         selected = total_selected if rank == 0 else per_round[rank]
+        samples = sum(sizes[c] for c in hosted)
         if dealt and rank > 0:  # no fixed clients: each worker takes its share of every round on average
-            hosted, selected = [], total_selected / len(worker_ranks)
+            hosted, selected, samples = [], total_selected / len(worker_ranks), sum(sizes) // len(worker_ranks)
         checkpoint = client_state * len(hosted) + (model_bytes + server_state if rank == 0 else 0)
         rank_plans.append(RankPlan(
-            rank=rank, role=role, clients=hosted,
-            samples=sum(sizes) // len(worker_ranks) if dealt and rank > 0 else sum(sizes[c] for c in hosted),
+            rank=rank, role=role, clients=hosted, samples=samples,
             selected_per_round=selected, client_state_bytes=client_state * len(hosted),
             checkpoint_bytes=checkpoint, downlink_bytes=model_bytes * selected, uplink_bytes=payload_hint * selected,
         ))

@@ -96,11 +96,13 @@ def command_overrides(argv: list[str]) -> list[str]:
     return [item for item in argv[1:] if "=" in item and not item.startswith("-")]
 
 
-def gather_ranks(world, device_text: str, threads: int | None = None) -> list[dict[str, Any]] | None:
-    """Every rank's host, device, pid and threads on rank 0 (None elsewhere). A collective: every
-    rank of ``world`` calls it. UTF-8 JSON through ``World.gatherv_bytes``; nothing is unpickled."""
+def gather_ranks(world, device_text: str, threads: int | None = None,
+                 host_memory: str | None = None) -> list[dict[str, Any]] | None:
+    """Every rank's host, device, pid, threads and host allocator policy on rank 0 (None elsewhere). A
+    collective: every rank of ``world`` calls it. UTF-8 JSON through ``World.gatherv_bytes``; nothing is
+    unpickled."""
     mine = {"rank": world.rank, "host": socket.gethostname(), "device": device_text, "pid": os.getpid(),
-            "threads": threads}
+            "threads": threads, "host_memory": host_memory}
     data = np.frombuffer(json.dumps(mine).encode(), dtype=np.uint8)
     gathered = world.gatherv_bytes(data)
     if gathered is None:
@@ -133,10 +135,10 @@ def environment_record(ranks: list[dict[str, Any]], resume: bool, start_round: i
 
 def record_environment(run_dir: Path, world, device_text: str, resume: bool, start_round: int = 1,
                        threads: int | None = None, argv: list[str] | None = None,
-                       overrides: list[str] | None = None) -> dict[str, Any] | None:
+                       overrides: list[str] | None = None, host_memory: str | None = None) -> dict[str, Any] | None:
     """Append this start's line to ``run_dir/env.jsonl`` (rank 0); a collective over ``world``.
     Returns the record on rank 0, None elsewhere. A failure to write is a warning, not an error."""
-    ranks = gather_ranks(world, device_text, threads)
+    ranks = gather_ranks(world, device_text, threads, host_memory)
     if ranks is None:
         return None
     record = environment_record(ranks, resume, start_round, argv, overrides)

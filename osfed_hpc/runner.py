@@ -56,6 +56,7 @@ from .devices import configure_threads, describe, deterministic_numerics, make_d
 from .errors import AgreedStop, RunError
 from .exchange import CLIENT_TAG_BASE, GATHER, MODE_NAMES, Exchanges, choose_mode, pack_frame, unpack_frame
 from .flat import FlatModel
+from .host_memory import configure_host_memory
 from .metrics import (
     MetricsLog,
     PhaseTimer,
@@ -208,6 +209,7 @@ class Runner:
         self.stop_requested = False
         self.install_signal_handlers()  # first: a SLURM signal during setup must not kill a rank
         self.threads = configure_threads(config.runtime.threads, world.comm, config.data.num_workers)
+        self.host_memory = configure_host_memory(config.runtime.host_memory)  # before the first large tensor
         self.device = select_device(config.runtime.device)
         make_deterministic(deterministic_numerics(config.runtime.deterministic, self.device))
         self.inputs = setup_inputs(config, world, run_dir, resume)
@@ -259,7 +261,8 @@ class Runner:
         if world.is_server:
             for warning in self.algorithm_cls.config_warnings(self.options, config.train):
                 print(f"[osfed-hpc] warning: {warning}", file=sys.stderr, flush=True)
-        record_environment(run_dir, world, describe(self.device), resume, self.start_round, self.threads)  # env.jsonl
+        record_environment(run_dir, world, describe(self.device), resume, self.start_round, self.threads,
+                           host_memory=self.host_memory)  # env.jsonl
         self.tensorboard = TensorBoardLog.open(config, run_dir, self.start_round) if world.is_server else None
         self.round_seconds: list[float] = []  # rounds done in this process, for the ETA
 

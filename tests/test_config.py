@@ -30,7 +30,7 @@ def test_unknown_key_is_named_with_suggestion(tmp_path):
         ("data.alpha=0", "data.alpha"), ("server.sample_fraction=0", "server.sample_fraction"),
         ("server.sample_fraction=1.5", "server.sample_fraction"), ("rounds=0", "rounds"),
         ("model.name=vgg99", "model.name"), ("train.batch_size=abc", "train.batch_size"),
-        ("runtime.amp=fp8", "runtime.amp"),
+        ("runtime.amp=fp8", "runtime.amp"), ("runtime.host_memory=never", "runtime.host_memory"),
     ],
 )
 def test_out_of_range_values_name_the_key(override, key):

@@ -82,6 +82,7 @@ def test_env_jsonl_per_start_and_tensorboard_purged_on_resume(digits_dir, tmp_pa
     assert line["resume"] is False and line["start_round"] == 1
     assert line["world_size"] == 3 and [r["rank"] for r in line["ranks"]] == [0, 1, 2]
     assert all(r["host"] and r["device"] == "cpu" and r["threads"] == 1 for r in line["ranks"])
+    assert all(r["host_memory"] for r in line["ranks"])  # runtime.host_memory's effect, every rank
     assert line["mpi_library"] and line["mpi4py"]
     assert line["slurm"]["job_id"] == "777"
     assert "runtime.tensorboard=true" in line["overrides"] and "run" in line["argv"]

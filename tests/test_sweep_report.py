@@ -201,6 +201,58 @@ def test_partitions_are_made_once_per_client_count(tmp_path):
     assert sum("exists (reused)" in line for line in lines) == 2
 
 
+FAKE_MPIRUN = """#!{python}
+import json, os, sys, time
+import yaml
+args = sys.argv[1:]  # -n N python -m osfed_hpc run ROW.yaml [--resume OUT]
+out = yaml.safe_load(open(args[args.index("run") + 1]))["out"]
+events = os.environ["FAKE_EVENTS"]
+with open(events, "a") as handle:
+    handle.write(json.dumps(["start", out, time.monotonic()]) + "\\n")
+print("row output of", out, flush=True)
+time.sleep(0.8)
+with open(events, "a") as handle:
+    handle.write(json.dumps(["end", out, time.monotonic()]) + "\\n")
+if os.environ.get("FAKE_FAIL") and out.endswith(os.environ["FAKE_FAIL"]):
+    sys.exit(3)
+os.makedirs(out, exist_ok=True)
+open(os.path.join(out, "summary.json"), "w").write("{{}}")
+"""
+
+
+def test_local_sweep_runs_rows_in_parallel_with_a_log_each(tmp_path, monkeypatch):
+    """--parallel 2: never more than two rows at once, at some point two, every row's output in its own
+    log; a failing row does not stop the others and makes the sweep fail; a rerun does only that row."""
+    folder = tmp_path / "sweep"
+    plan = sw.load_sweep(_digits_sweep(tmp_path, tmp_path / "digits", methods=True), folder)
+    rows = sw.expand(plan)
+    sw.write_rows(plan, rows)
+    fake = tmp_path / "fake-mpirun"
+    fake.write_text(FAKE_MPIRUN.format(python=sys.executable))
+    fake.chmod(0o755)
+    events = tmp_path / "events.jsonl"
+    monkeypatch.setenv("FAKE_EVENTS", str(events))
+    monkeypatch.setenv("FAKE_FAIL", rows[1].name)
+    lines: list[str] = []
+    assert sw.run_local(folder, 2, str(fake), log=lines.append, parallel=2) == 1
+    log = [json.loads(line) for line in events.read_text().splitlines()]
+    running, most = 0, 0
+    for kind, _, _ in sorted(log, key=lambda event: event[2]):
+        running += 1 if kind == "start" else -1
+        most = max(most, running)
+    assert most == 2
+    assert sum(kind == "start" for kind, _, _ in log) == 4
+    for row in rows:
+        assert (Path(row.out) / "summary.json").is_file() == (row.name != rows[1].name)
+        text = (folder / "logs" / f"local-{row.index}-{row.name}.log").read_text()
+        assert f"row output of {row.out}" in text
+    assert lines[-1] == f"[sweep] 1 row(s) failed: {rows[1].name}"
+    monkeypatch.delenv("FAKE_FAIL")
+    lines.clear()
+    assert sw.run_local(folder, 2, str(fake), log=lines.append, parallel=2) == 0
+    assert sum("finished already" in line for line in lines) == 3 and (Path(rows[1].out) / "summary.json").is_file()
+
+
 @pytest.mark.slow
 def test_local_sweep_then_report(tmp_path, capsys):
     data = tmp_path / "digits"
