@@ -173,8 +173,9 @@ class RuntimeConfig:
     #: every this many rounds, snapshot methods write a PNG of what the selected clients sent into
     #: RUN/snapshots/ (rank 0; derived from client data, so off by default). 0: never
     save_snapshots: int = 0
-    #: keep: large freed host blocks stay in the process for reuse (ours: 1.3x faster CPU synthesis
-    #: of many decoded samples, bitwise the same results, resident size stays near its peak);
+    #: keep: large freed host blocks stay in the process for reuse (ours: 1.16-1.46x per CPU synthesis
+    #: evaluation in isolation, up to 1.14x inside runs; bitwise the same results; resident size stays
+    #: near its peak);
     #: system: the C allocator's defaults (see osfed_hpc.host_memory)
     host_memory: str = "keep"
 
