@@ -173,7 +173,7 @@ class RuntimeConfig:
     #: every this many rounds, snapshot methods write a PNG of what the selected clients sent into
     #: RUN/snapshots/ (rank 0; derived from client data, so off by default). 0: never
     save_snapshots: int = 0
-    #: keep: large freed host blocks stay in the process for reuse (ours: 1.16-1.46x per CPU synthesis
+    #: keep: large freed host blocks stay in the process for reuse (ours: 1.04-1.51x per CPU synthesis
     #: evaluation in isolation, up to 1.14x inside runs; bitwise the same results; resident size stays
     #: near its peak);
     #: system: the C allocator's defaults (see osfed_hpc.host_memory)
