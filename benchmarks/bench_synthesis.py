@@ -17,7 +17,8 @@ variant alone. In each process a warm-up (one LBFGS step of one evaluation) prec
 runs; processes of the two variants alternate ``--repeat`` times; the fastest run is reported (wall
 clock and process CPU time, which is the steadier figure on a shared machine).
 
-    .venv/bin/python benchmarks/bench_synthesis.py            # cnn 28 px (3SFC settings) + resnet18_gn 224 px
+    .venv/bin/python benchmarks/bench_synthesis.py            # cnn 28 px (3SFC settings), resnet18_gn 224 px
+                                                              # (3 evaluations) and 32 px (3SFC settings)
     .venv/bin/python benchmarks/bench_synthesis.py --quick    # seconds, for a smoke check
 """
 from __future__ import annotations
@@ -65,6 +66,8 @@ class Case:
     seed: int = 0
     clients: int = 5
     stop_tolerance: float = 1e-3
+    #: False: only ours / ours+stop / reference (the batched comparison is left to the other cases)
+    batch: bool = True
 
 
 def cases(args: argparse.Namespace) -> list[Case]:
@@ -77,6 +80,11 @@ def cases(args: argparse.Namespace) -> list[Case]:
              stop_tolerance=args.stop_tolerance),
         Case(f"resnet18_gn-{large_size}px-f2", "resnet18_gn", 3, large_size, 10, 2, 1, args.large_evals,
              target_batch=4, clients=args.clients, stop_tolerance=args.stop_tolerance),
+        # the whole 3SFC search on ResNet-18-GN, at a resolution where 10 x 20 evaluations fit a CPU benchmark:
+        # the 224-px case above runs 3 evaluations, too few for the early stop to act
+        Case(f"resnet18_gn-{args.full_size}px-f2-full", "resnet18_gn", 3, args.full_size, 10, 2, small_outer,
+             args.small_max_iter, target_batch=4, clients=args.clients, stop_tolerance=args.stop_tolerance,
+             batch=False),
     ]
 
 
@@ -212,14 +220,14 @@ def benchmark(args: argparse.Namespace) -> dict:
         for case in cases(args):
             target_path = os.path.join(tmp, f"{case.name}.pt")
             torch.save(make_targets(case, device).cpu(), target_path)
-            runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+            variants = VARIANTS if case.batch else VARIANTS[:3]
+            runs: dict[str, list[dict]] = {name: [] for name in variants}
             for _ in range(args.repeat):  # interleaved, so all variants see the same machine load
                 for variant in runs:
                     runs[variant].append(spawn(variant, case, target_path, args))
             done = {name: summarize(r) for name, r in runs.items()}
             ours, reference, stop = done["ours"], done["reference"], done["ours+stop"]
-            sequential, batched = done["sequential"], done["batched"]
-            results.append({
+            result = {
                 "case": asdict(case), "name": case.name, **done,
                 "speedup": reference["seconds"] / ours["seconds"],
                 "speedup_cpu_time": reference["cpu_seconds"] / ours["cpu_seconds"],
@@ -228,10 +236,15 @@ def benchmark(args: argparse.Namespace) -> dict:
                 "stop_speedup": reference["seconds"] / stop["seconds"],
                 "stop_speedup_cpu_time": reference["cpu_seconds"] / stop["cpu_seconds"],
                 "stop_same_cos": abs(stop["cos"] - reference["cos"]) <= COS_TOLERANCE,
-                "batch_speedup": sequential["seconds"] / batched["seconds"],
-                "batch_speedup_cpu_time": sequential["cpu_seconds"] / batched["cpu_seconds"],
-                "batch_same_cos": abs(batched["cos"] - sequential["cos"]) <= COS_TOLERANCE,
-            })
+            }
+            if case.batch:
+                sequential, batched = done["sequential"], done["batched"]
+                result.update({
+                    "batch_speedup": sequential["seconds"] / batched["seconds"],
+                    "batch_speedup_cpu_time": sequential["cpu_seconds"] / batched["cpu_seconds"],
+                    "batch_same_cos": abs(batched["cos"] - sequential["cos"]) <= COS_TOLERANCE,
+                })
+            results.append(result)
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": args.device, "threads": args.threads, "repeat": args.repeat, "inner": args.inner,
@@ -243,7 +256,7 @@ def benchmark(args: argparse.Namespace) -> dict:
 
 
 def print_table(report: dict) -> None:
-    header = (f"{'case':<24}{'variant':<12}{'evals':>8}{'s/client':>10}{'cpu s':>9}{'cos':>8}{'peak MiB':>10}"
+    header = (f"{'case':<30}{'variant':<12}{'evals':>8}{'s/client':>10}{'cpu s':>9}{'cos':>8}{'peak MiB':>10}"
               f"{'speed-up (wall, cpu)':>26}")
     print(header)
     print("-" * len(header))
@@ -251,12 +264,14 @@ def print_table(report: dict) -> None:
         against = {"ours": ("reference", "speedup"), "ours+stop": ("reference", "stop_speedup"),
                    "batched": ("sequential", "batch_speedup")}
         for variant in VARIANTS:
+            if variant not in r:
+                continue
             v = r[variant]
             ratio = ""
             if variant in against:
                 base, key = against[variant]
                 ratio = f"{r[key]:.2f}x, {r[key + '_cpu_time']:.2f}x vs {base}"
-            print(f"{r['name']:<24}{variant:<12}{v['evaluations']:>8}{v['seconds']:>10.3f}{v['cpu_seconds']:>9.3f}"
+            print(f"{r['name']:<30}{variant:<12}{v['evaluations']:>8}{v['seconds']:>10.3f}{v['cpu_seconds']:>9.3f}"
                   f"{v['cos']:>8.4f}{v['peak_mib']:>10.1f}  {ratio}")
 
 
@@ -266,6 +281,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--small-outer-steps", type=int, default=10, help="LBFGS outer steps, cnn case (3SFC: 10)")
     parser.add_argument("--small-max-iter", type=int, default=20, help="LBFGS max_iter, cnn case (3SFC: 20)")
     parser.add_argument("--large-size", type=int, default=224, help="resolution of the resnet18_gn case")
+    parser.add_argument("--full-size", type=int, default=32,
+                        help="resolution of the resnet18_gn case that runs the whole LBFGS search")
     parser.add_argument("--large-evals", type=int, default=3,
                         help="LBFGS max_iter (= closure evaluations) of the single outer step, resnet18_gn case")
     parser.add_argument("--repeat", type=int, default=3, help="runs per variant; the fastest is reported")

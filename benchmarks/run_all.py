@@ -104,6 +104,7 @@ def summarise(name: str, data: dict) -> list[tuple[str, str, str]]:
             if "stop_speedup_cpu_time" in case:
                 rows.append((f"synthesis {case.get('name', '?')}: ours+stop vs 3SFC loop (CPU s speed-up)",
                              _fmt(case.get("stop_speedup_cpu_time"), 2), f"same cos: {case.get('stop_same_cos')}"))
+            if "batch_speedup_cpu_time" in case:
                 rows.append((f"synthesis {case.get('name', '?')}: batched vs sequential clients (CPU s speed-up)",
                              _fmt(case.get("batch_speedup_cpu_time"), 2), f"same cos: {case.get('batch_same_cos')}"))
     elif name == "host_memory":
